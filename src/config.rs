@@ -132,3 +132,22 @@ impl BridgeConfig {
         }
     }
 }
+
+// TEMPORARY until the config module lands: minimal loaders.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(_path: Option<&Path>) -> Result<Config, ConfigError> {
+        Err(ConfigError::Invalid("not implemented".into()))
+    }
+}
+
+pub fn load_data_dir(_path: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    Ok(std::env::var_os("BRIDGE_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("./data")))
+}

@@ -10,3 +10,9 @@
 //! - [`config`]: the YAML file plus environment overrides, validated before anything starts.
 //! - [`store`]: the sled outbox: queues, dead letters, stream position, group commit.
 pub mod config;
+pub mod store;
+pub mod inspect;
+pub mod admin;
+pub mod daemon;
+pub mod logging;
+pub mod maintenance;

@@ -1,0 +1,60 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the outbox store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process (usually the running daemon) holds sled's lock on the store.
+    #[error(
+        "the store at {path} is in use by another process (is the daemon running? \
+         inspect-queue asks it through its admin socket)"
+    )]
+    Locked { path: PathBuf },
+
+    /// The store was written by a newer version of the bridge; reading it could misread data.
+    #[error(
+        "the store at {path} has format version {found}, but this binary supports up to \
+         version {supported}: upgrade opencti-threatbus or point bridge.data_dir elsewhere"
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+
+    /// The directory holds a sled database that this program did not write.
+    #[error("the store at {path} is not an opencti-threatbus store: {detail}")]
+    Foreign { path: PathBuf, detail: String },
+
+    /// An upgrade step from an older format failed; the store is left at the older version.
+    #[error("migrating the store from format version {from} failed: {detail}")]
+    Migration { from: u32, detail: String },
+
+    /// sled reported an I/O or corruption error.
+    #[error("store I/O failed: {0}")]
+    Sled(#[from] sled::Error),
+
+    /// A group-commit flush failed; the writes it covered may not be durable.
+    #[error("flushing the store to disk failed: {0}")]
+    Flush(String),
+
+    /// The store was closed while a writer waited for durability.
+    #[error("the store was closed before the write was confirmed durable")]
+    Closed,
+
+    /// Only the indicator queue carries the stream position.
+    #[error("a stream position can only be stored with the indicator queue")]
+    PositionOnSightings,
+}
+
+impl StoreError {
+    /// Maps sled's open errors to the precise cases an operator can act on.
+    pub(crate) fn from_open(path: PathBuf, err: sled::Error) -> Self {
+        // sled 0.34 reports a held lock as a plain `Other` I/O error with this text.
+        match &err {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked { path }
+            }
+            _ => StoreError::Sled(err),
+        }
+    }
+}

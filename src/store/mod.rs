@@ -1,0 +1,562 @@
+//! The durable outbox: two queues (indicators, sightings), dead letters, the SSE position
+//! and a little metadata, in one sled database.
+//!
+//! Writers get a [`Durable`] handle that resolves once a group-commit flush covers them.
+//! Counts are kept in memory (counted once at open), so `len` and `oldest_age` never scan.
+
+mod commit;
+mod error;
+mod migrate;
+mod record;
+
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub use commit::Durable;
+pub use error::StoreError;
+pub use migrate::CURRENT_FORMAT;
+pub use record::{now_ms, DeadItem, DeadLetter, Envelope, Item, Queue};
+
+use commit::GroupCommit;
+use record::{
+    decode, encode, item_key, key_seq, META_STREAM_POSITION, TAG_DEAD, TAG_META,
+};
+
+/// The sled database lives in this subdirectory of `bridge.data_dir`; the admin socket
+/// sits beside it.
+pub const STORE_SUBDIR: &str = "store";
+
+/// sled's page cache. The outbox is read mostly at its head and tail, so a modest cache
+/// serves it; sled's default (1 GiB) would let a long outage balloon the container.
+const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
+/// Tunables of the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Longest a write waits for its group-commit flush.
+    pub flush_interval: Duration,
+    /// A flush starts at once when this many items are waiting for it.
+    pub flush_max_items: usize,
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            flush_interval: Duration::from_millis(10),
+            flush_max_items: 1000,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// Which dead letters a maintenance command applies to.
+#[derive(Debug, Clone, Default)]
+pub struct DeadFilter {
+    /// Only dead letters from this queue.
+    pub queue: Option<Queue>,
+    /// Only these dead-letter keys; empty = all.
+    pub keys: Vec<u64>,
+}
+
+impl DeadFilter {
+    fn matches(&self, item: &DeadItem) -> bool {
+        self.queue.is_none_or(|q| q == item.letter.queue)
+            && (self.keys.is_empty() || self.keys.contains(&item.key))
+    }
+}
+
+/// Per-range bookkeeping, so that counts never need a scan.
+#[derive(Default)]
+struct Range {
+    next_seq: AtomicU64,
+    len: AtomicU64,
+    retrying: AtomicU64,
+    /// Serializes sequence allocation with the write, so key order is commit order.
+    write: Mutex<()>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    commit: GroupCommit,
+    path: PathBuf,
+    format_found: u32,
+    indicators: Range,
+    sightings: Range,
+    dead: Range,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir`, checking and upgrading its format.
+    pub fn open(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        let path = data_dir.join(STORE_SUBDIR);
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(options.cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| StoreError::from_open(path.clone(), e))?;
+        let tree = db.open_tree("outbox")?;
+        let format_found = migrate::check_and_upgrade(&tree, &path)?;
+        let commit = GroupCommit::start(
+            db.clone(),
+            options.flush_interval,
+            options.flush_max_items,
+        );
+        let store = Store {
+            db,
+            tree,
+            commit,
+            path,
+            format_found,
+            indicators: Range::default(),
+            sightings: Range::default(),
+            dead: Range::default(),
+        };
+        store.count_all()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The format version the store had when opened (0 = created by this open).
+    pub fn format_found(&self) -> u32 {
+        self.format_found
+    }
+
+    // ----- writing -------------------------------------------------------------------
+
+    /// Appends `payloads` to `queue` and, for the indicator queue, stores `position` in the
+    /// same atomic batch: after a crash the position never points past a lost item.
+    pub fn enqueue(
+        &self,
+        queue: Queue,
+        payloads: Vec<Vec<u8>>,
+        position: Option<&str>,
+    ) -> Result<Durable, StoreError> {
+        self.commit_batch(queue, payloads, Vec::new(), position)
+    }
+
+    /// The stream reader's general write: items for `queue`, items parked as dead letters
+    /// on arrival (payload, reason), and the new position, all in one atomic batch.
+    pub fn commit_batch(
+        &self,
+        queue: Queue,
+        payloads: Vec<Vec<u8>>,
+        parked: Vec<(Vec<u8>, String)>,
+        position: Option<&str>,
+    ) -> Result<Durable, StoreError> {
+        if position.is_some() && queue != Queue::Indicators {
+            return Err(StoreError::PositionOnSightings);
+        }
+        let now = now_ms();
+        let range = self.range(queue);
+        let _order = lock(&range.write);
+        let _dead_order = (!parked.is_empty()).then(|| lock(&self.dead.write));
+        let mut batch = sled::Batch::default();
+        let items = payloads.len();
+        let first = range.next_seq.load(Ordering::Relaxed);
+        for (i, payload) in payloads.into_iter().enumerate() {
+            let envelope = Envelope::new(payload, now);
+            batch.insert(&item_key(queue.tag(), first + i as u64), encode(&envelope));
+        }
+        let parked_count = parked.len();
+        let first_dead = self.dead.next_seq.load(Ordering::Relaxed);
+        for (i, (payload, reason)) in parked.into_iter().enumerate() {
+            let letter = DeadLetter {
+                queue,
+                original_key: None,
+                dead_at_ms: now,
+                reason,
+                envelope: Envelope::new(payload, now),
+            };
+            batch.insert(&item_key(TAG_DEAD, first_dead + i as u64), encode(&letter));
+        }
+        if let Some(position) = position {
+            batch.insert(META_STREAM_POSITION, position.as_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        range.next_seq.store(first + items as u64, Ordering::Relaxed);
+        range.len.fetch_add(items as u64, Ordering::Relaxed);
+        self.dead
+            .next_seq
+            .store(first_dead + parked_count as u64, Ordering::Relaxed);
+        self.dead.len.fetch_add(parked_count as u64, Ordering::Relaxed);
+        Ok(self.commit.register(items + parked_count))
+    }
+
+    /// Advances the stream position alone (an event that carries no indicator).
+    pub fn set_position(&self, position: &str) -> Result<Durable, StoreError> {
+        self.commit_batch(Queue::Indicators, Vec::new(), Vec::new(), Some(position))
+    }
+
+    /// Parks one item as a dead letter on arrival (it never entered its queue).
+    pub fn park(&self, queue: Queue, payload: Vec<u8>, reason: String) -> Result<Durable, StoreError> {
+        self.commit_batch(queue, Vec::new(), vec![(payload, reason)], None)
+    }
+
+    /// Stores a small metadata value (organization id, Threat Bus topic).
+    pub fn set_meta(&self, name: &str, value: &str) -> Result<Durable, StoreError> {
+        self.tree.insert(meta_key(name), value.as_bytes())?;
+        Ok(self.commit.register(0))
+    }
+
+    pub fn remove_meta(&self, name: &str) -> Result<Durable, StoreError> {
+        self.tree.remove(meta_key(name))?;
+        Ok(self.commit.register(0))
+    }
+
+    // ----- reading -------------------------------------------------------------------
+
+    pub fn position(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .get(META_STREAM_POSITION)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn meta(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .get(meta_key(name))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Up to `limit` items of `queue` in key order, starting after `after`. Records that
+    /// cannot be decoded are moved to the dead letters on the way (they can never be sent).
+    pub fn scan(&self, queue: Queue, after: Option<u64>, limit: usize) -> Result<Vec<Item>, StoreError> {
+        self.scan_where(queue, after, limit, |_| true)
+    }
+
+    /// Like [`scan`](Self::scan), but only items whose next attempt is due at `now_ms`.
+    pub fn next_ready(
+        &self,
+        queue: Queue,
+        after: Option<u64>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Item>, StoreError> {
+        self.scan_where(queue, after, limit, |e| e.next_attempt_ms <= now_ms)
+    }
+
+    fn scan_where(
+        &self,
+        queue: Queue,
+        after: Option<u64>,
+        limit: usize,
+        keep: impl Fn(&Envelope) -> bool,
+    ) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        for entry in self.tree.range(seq_range(queue.tag(), after)) {
+            if items.len() >= limit {
+                break;
+            }
+            let (key, raw) = entry?;
+            let Some(seq) = key_seq(&key) else { continue };
+            match decode::<Envelope>(&raw) {
+                Ok(envelope) if keep(&envelope) => items.push(Item { key: seq, envelope }),
+                Ok(_) => {}
+                Err(e) => self.park_undecodable(queue, seq, raw.to_vec(), &e)?,
+            }
+        }
+        Ok(items)
+    }
+
+    /// Up to `limit` dead letters in key order, starting after `after`.
+    pub fn dead_letters(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadItem>, StoreError> {
+        let mut items = Vec::new();
+        for entry in self.tree.range(seq_range(TAG_DEAD, after)).take(limit) {
+            let (key, raw) = entry?;
+            let Some(seq) = key_seq(&key) else { continue };
+            items.push(DeadItem {
+                key: seq,
+                letter: decode_dead(&raw),
+            });
+        }
+        Ok(items)
+    }
+
+    pub fn len(&self, queue: Queue) -> u64 {
+        self.range(queue).len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self, queue: Queue) -> bool {
+        self.len(queue) == 0
+    }
+
+    pub fn dead_len(&self) -> u64 {
+        self.dead.len.load(Ordering::Relaxed)
+    }
+
+    /// Items of `queue` that failed at least once and wait for another attempt.
+    pub fn retrying(&self, queue: Queue) -> u64 {
+        self.range(queue).retrying.load(Ordering::Relaxed)
+    }
+
+    /// When the oldest queued item was received (ms since the epoch).
+    pub fn oldest_received_ms(&self, queue: Queue) -> Result<Option<u64>, StoreError> {
+        let first = self.tree.range(seq_range(queue.tag(), None)).next();
+        Ok(match first {
+            Some(entry) => decode::<EnvelopeHead>(&entry?.1).ok().map(|h| h.received_at_ms),
+            None => None,
+        })
+    }
+
+    /// When the oldest dead letter was parked (ms since the epoch).
+    pub fn oldest_dead_ms(&self) -> Result<Option<u64>, StoreError> {
+        let first = self.tree.range(seq_range(TAG_DEAD, None)).next();
+        Ok(match first {
+            Some(entry) => Some(decode_dead(&entry?.1).dead_at_ms),
+            None => None,
+        })
+    }
+
+    // ----- settling items --------------------------------------------------------------
+
+    /// Removes a delivered item. Returns false if it was not there (already acked).
+    pub fn ack(&self, queue: Queue, key: u64) -> Result<bool, StoreError> {
+        let range = self.range(queue);
+        let Some(old) = self.tree.remove(item_key(queue.tag(), key))? else {
+            return Ok(false);
+        };
+        range.len.fetch_sub(1, Ordering::Relaxed);
+        if decode::<EnvelopeHead>(&old).is_ok_and(|h| h.attempts > 0) {
+            range.retrying.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// Records a failed attempt: bumps `attempts`, sets the next attempt time and the error.
+    /// Returns the new attempt count, or `None` if the item is gone.
+    pub fn reschedule(
+        &self,
+        queue: Queue,
+        key: u64,
+        next_attempt_ms: u64,
+        error: &str,
+    ) -> Result<Option<u32>, StoreError> {
+        let mut before = None;
+        let updated = self.tree.update_and_fetch(item_key(queue.tag(), key), |old| {
+            let mut envelope: Envelope = decode(old?).ok()?;
+            before = Some(envelope.attempts);
+            envelope.attempts = envelope.attempts.saturating_add(1);
+            envelope.next_attempt_ms = next_attempt_ms;
+            envelope.last_error = Some(error.to_string());
+            Some(encode(&envelope))
+        })?;
+        let Some(updated) = updated else {
+            return Ok(None);
+        };
+        if before == Some(0) {
+            self.range(queue).retrying.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(decode::<EnvelopeHead>(&updated).ok().map(|h| h.attempts))
+    }
+
+    /// Moves an item to the dead letters with `reason`. Returns false if it was not there.
+    pub fn dead_letter(&self, queue: Queue, key: u64, reason: &str) -> Result<bool, StoreError> {
+        let qkey = item_key(queue.tag(), key);
+        let Some(raw) = self.tree.get(qkey)? else {
+            return Ok(false);
+        };
+        let envelope: Envelope = match decode(&raw) {
+            Ok(envelope) => envelope,
+            Err(_) => Envelope::new(raw.to_vec(), now_ms()),
+        };
+        let was_retrying = envelope.attempts > 0;
+        self.move_to_dead(queue, key, envelope, reason.to_string())?;
+        if was_retrying {
+            self.range(queue).retrying.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    fn park_undecodable(
+        &self,
+        queue: Queue,
+        key: u64,
+        raw: Vec<u8>,
+        err: &bincode::Error,
+    ) -> Result<(), StoreError> {
+        tracing::error!(%queue, key, error = %err, "undecodable record moved to the dead letters");
+        let reason = format!("undecodable record: {err}");
+        self.move_to_dead(queue, key, Envelope::new(raw, now_ms()), reason)
+    }
+
+    fn move_to_dead(
+        &self,
+        queue: Queue,
+        key: u64,
+        envelope: Envelope,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        let range = self.range(queue);
+        let _dead_order = lock(&self.dead.write);
+        let seq = self.dead.next_seq.load(Ordering::Relaxed);
+        let letter = DeadLetter {
+            queue,
+            original_key: Some(key),
+            dead_at_ms: now_ms(),
+            reason,
+            envelope,
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(&item_key(queue.tag(), key));
+        batch.insert(&item_key(TAG_DEAD, seq), encode(&letter));
+        self.tree.apply_batch(batch)?;
+        self.dead.next_seq.store(seq + 1, Ordering::Relaxed);
+        self.dead.len.fetch_add(1, Ordering::Relaxed);
+        range.len.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Puts matching dead letters back at the end of their queue with a fresh attempt
+    /// count. Returns how many were requeued.
+    pub fn requeue_dead(&self, filter: &DeadFilter) -> Result<usize, StoreError> {
+        let mut moved = 0;
+        for dead in self.matching_dead(filter)? {
+            let queue = dead.letter.queue;
+            let range = self.range(queue);
+            let _order = lock(&range.write);
+            let _dead_order = lock(&self.dead.write);
+            let seq = range.next_seq.load(Ordering::Relaxed);
+            let mut envelope = dead.letter.envelope;
+            envelope.attempts = 0;
+            envelope.next_attempt_ms = 0;
+            envelope.last_error = None;
+            let mut batch = sled::Batch::default();
+            batch.remove(&item_key(TAG_DEAD, dead.key));
+            batch.insert(&item_key(queue.tag(), seq), encode(&envelope));
+            self.tree.apply_batch(batch)?;
+            range.next_seq.store(seq + 1, Ordering::Relaxed);
+            range.len.fetch_add(1, Ordering::Relaxed);
+            self.dead.len.fetch_sub(1, Ordering::Relaxed);
+            moved += 1;
+        }
+        self.flush()?;
+        Ok(moved)
+    }
+
+    /// Deletes matching dead letters for good. Returns how many were removed.
+    pub fn purge_dead(&self, filter: &DeadFilter) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for dead in self.matching_dead(filter)? {
+            if self.tree.remove(item_key(TAG_DEAD, dead.key))?.is_some() {
+                self.dead.len.fetch_sub(1, Ordering::Relaxed);
+                removed += 1;
+            }
+        }
+        self.flush()?;
+        Ok(removed)
+    }
+
+    /// Dead letters the filter selects. One that cannot be decoded is left alone: its
+    /// queue is unknown, so it can neither go back nor be matched by queue.
+    fn matching_dead(&self, filter: &DeadFilter) -> Result<Vec<DeadItem>, StoreError> {
+        let mut matching = Vec::new();
+        for entry in self.tree.range(seq_range(TAG_DEAD, None)) {
+            let (key, raw) = entry?;
+            let Some(seq) = key_seq(&key) else { continue };
+            match decode::<DeadLetter>(&raw) {
+                Ok(letter) => {
+                    let item = DeadItem { key: seq, letter };
+                    if filter.matches(&item) {
+                        matching.push(item);
+                    }
+                }
+                Err(e) => tracing::warn!(key = seq, error = %e, "skipping an undecodable dead letter"),
+            }
+        }
+        Ok(matching)
+    }
+
+    // ----- lifecycle -------------------------------------------------------------------
+
+    /// Flushes everything written so far, synchronously.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Stops the flusher after a final flush. Waiters still pending are flushed first.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.commit.stop();
+        self.flush()
+    }
+
+    fn range(&self, queue: Queue) -> &Range {
+        match queue {
+            Queue::Indicators => &self.indicators,
+            Queue::Sightings => &self.sightings,
+        }
+    }
+
+    /// Counts every range once at open; from then on the counters follow each write.
+    fn count_all(&self) -> Result<(), StoreError> {
+        for (tag, range) in [
+            (Queue::Indicators.tag(), &self.indicators),
+            (Queue::Sightings.tag(), &self.sightings),
+            (TAG_DEAD, &self.dead),
+        ] {
+            let (mut len, mut retrying, mut last) = (0, 0, None);
+            for entry in self.tree.range(seq_range(tag, None)) {
+                let (key, raw) = entry?;
+                len += 1;
+                last = key_seq(&key).or(last);
+                if tag != TAG_DEAD && decode::<EnvelopeHead>(&raw).is_ok_and(|h| h.attempts > 0) {
+                    retrying += 1;
+                }
+            }
+            range.len.store(len, Ordering::Relaxed);
+            range.retrying.store(retrying, Ordering::Relaxed);
+            range.next_seq.store(last.map_or(0, |l| l + 1), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.commit.stop();
+    }
+}
+
+/// The leading fields of an [`Envelope`]: bincode reads a prefix without the payload.
+#[derive(serde::Deserialize)]
+struct EnvelopeHead {
+    received_at_ms: u64,
+    attempts: u32,
+}
+
+fn decode_dead(raw: &[u8]) -> DeadLetter {
+    decode(raw).unwrap_or_else(|e| DeadLetter {
+        queue: Queue::Indicators,
+        original_key: None,
+        dead_at_ms: 0,
+        reason: format!("undecodable dead letter: {e}"),
+        envelope: Envelope::new(raw.to_vec(), 0),
+    })
+}
+
+fn seq_range(tag: u8, after: Option<u64>) -> RangeInclusive<[u8; 9]> {
+    // Sequence numbers count up from 0 and never reach u64::MAX, so saturating is exact.
+    let start = item_key(tag, after.map_or(0, |seq| seq.saturating_add(1)));
+    start..=item_key(tag, u64::MAX)
+}
+
+fn meta_key(name: &str) -> Vec<u8> {
+    let mut key = vec![TAG_META];
+    key.extend_from_slice(b"meta/");
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn lock(mutex: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
