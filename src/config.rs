@@ -5,6 +5,24 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod error;
+mod keys;
+mod read;
+mod source;
+#[cfg(test)]
+mod tests;
+
+pub use error::ConfigError;
+pub use read::DEFAULT_DATA_DIR;
+
+pub use source::EnvLookup;
+use source::{FileValues, Sources};
+
+/// The file read when neither `--config` nor `CONFIG_FILE` names one.
+pub const DEFAULT_CONFIG_FILE: &str = "config.yml";
+/// The environment variable naming the configuration file.
+pub const CONFIG_FILE_ENV: &str = "CONFIG_FILE";
+
 /// The OpenCTI API token. Its `Debug` and `Display` never show the value, so it cannot
 /// leak through a log line or an error message by accident.
 #[derive(Clone, PartialEq, Eq)]
@@ -60,6 +78,9 @@ pub struct Config {
     pub connector: ConnectorConfig,
     pub threatbus: ThreatBusConfig,
     pub bridge: BridgeConfig,
+    /// Keys in the file that nothing reads (`section` or `section.key`), most likely typos;
+    /// kept so the daemon can warn once logging is up.
+    pub unknown_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,21 +154,84 @@ impl BridgeConfig {
     }
 }
 
-// TEMPORARY until the config module lands: minimal loaders.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{0}")]
-    Invalid(String),
-}
-
 impl Config {
-    pub fn load(_path: Option<&Path>) -> Result<Config, ConfigError> {
-        Err(ConfigError::Invalid("not implemented".into()))
+    /// Loads the configuration from `path`, else the file named by `CONFIG_FILE`, else
+    /// `config.yml` in the working directory, then applies environment overrides.
+    ///
+    /// A file named explicitly must exist; the default one may be absent, for deployments
+    /// configured by environment only.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, &process_env)
+    }
+
+    /// [`Config::load`] with an injected environment.
+    pub fn load_with_env(path: Option<&Path>, env: EnvLookup) -> Result<Config, ConfigError> {
+        let file = read_config_file(path, env, Path::new(DEFAULT_CONFIG_FILE))?;
+        Config::from_file(file.as_ref(), env)
+    }
+
+    /// Builds the configuration from YAML text (if any) and an environment lookup, without
+    /// touching the file system or the process environment.
+    pub fn from_sources(yaml: Option<&str>, env: EnvLookup) -> Result<Config, ConfigError> {
+        let file = yaml
+            .map(|text| FileValues::parse(Path::new("<yaml>"), text))
+            .transpose()?;
+        Config::from_file(file.as_ref(), env)
+    }
+
+    fn from_file(file: Option<&FileValues>, env: EnvLookup) -> Result<Config, ConfigError> {
+        let src = Sources { file, env };
+        Ok(Config {
+            opencti: OpenCtiConfig::read(&src)?,
+            connector: ConnectorConfig::read(&src)?,
+            threatbus: ThreatBusConfig::read(&src)?,
+            bridge: BridgeConfig::read(&src)?,
+            unknown_keys: file.map(FileValues::unknown_keys).unwrap_or_default(),
+        })
     }
 }
 
-pub fn load_data_dir(_path: Option<&Path>) -> Result<PathBuf, ConfigError> {
-    Ok(std::env::var_os("BRIDGE_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("./data")))
+/// Reads only `bridge.data_dir` (default `./data`), for maintenance commands that must work
+/// on a host without the token. The file is located as by [`Config::load`].
+pub fn load_data_dir(path: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    load_data_dir_with_env(path, &process_env)
+}
+
+/// [`load_data_dir`] with an injected environment.
+pub fn load_data_dir_with_env(path: Option<&Path>, env: EnvLookup) -> Result<PathBuf, ConfigError> {
+    let file = read_config_file(path, env, Path::new(DEFAULT_CONFIG_FILE))?;
+    read::data_dir(&Sources {
+        file: file.as_ref(),
+        env,
+    })
+}
+
+/// A variable that is not valid Unicode is passed on lossily rather than treated as unset,
+/// so that it fails validation visibly instead of silently falling back to the file.
+fn process_env(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|value| value.to_string_lossy().into_owned())
+}
+
+/// Finds and parses the configuration file; `None` when the default file does not exist.
+fn read_config_file(
+    path: Option<&Path>,
+    env: EnvLookup,
+    default: &Path,
+) -> Result<Option<FileValues>, ConfigError> {
+    let from_env = env(CONFIG_FILE_ENV)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    let explicit = path.map(Path::to_path_buf).or(from_env);
+    let path = explicit.clone().unwrap_or_else(|| default.to_path_buf());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return match explicit {
+                Some(path) => Err(ConfigError::FileNotFound { path }),
+                None => Ok(None),
+            };
+        }
+        Err(source) => return Err(ConfigError::ReadFile { path, source }),
+    };
+    FileValues::parse(&path, &text).map(Some)
 }
