@@ -28,8 +28,14 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Request {
     Inspect(Query),
     Health,
-    RequeueDead { queue: Option<Queue>, keys: Vec<u64> },
-    PurgeDead { queue: Option<Queue>, keys: Vec<u64> },
+    RequeueDead {
+        queue: Option<Queue>,
+        keys: Vec<u64>,
+    },
+    PurgeDead {
+        queue: Option<Queue>,
+        keys: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,7 +81,11 @@ impl Status {
     fn health(&self, store: &Store) -> Health {
         Health {
             uptime_s: self.started.elapsed().as_secs(),
-            components: self.components.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            components: self
+                .components
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             indicators: store.len(Queue::Indicators),
             sightings: store.len(Queue::Sightings),
             dead: store.dead_len(),
@@ -144,11 +154,13 @@ async fn answer(stream: UnixStream, store: Arc<Store>, status: Arc<Status>) -> s
         .await?;
     let response = match serde_json::from_str::<Request>(&line) {
         // Store calls block (scans, flushes): keep them off the async workers.
-        Ok(request) => tokio::task::spawn_blocking(move || handle(&store, &status, request, "daemon"))
-            .await
-            .unwrap_or_else(|e| Response::Error {
-                message: format!("request failed: {e}"),
-            }),
+        Ok(request) => {
+            tokio::task::spawn_blocking(move || handle(&store, &status, request, "daemon"))
+                .await
+                .unwrap_or_else(|e| Response::Error {
+                    message: format!("request failed: {e}"),
+                })
+        }
         Err(e) => Response::Error {
             message: format!("bad request: {e}"),
         },
@@ -189,13 +201,19 @@ pub fn ask(data_dir: &Path, request: &Request) -> Result<Option<Response>, Admin
         path: path.clone(),
         source,
     };
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(exchange)?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(exchange)?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(exchange)?;
+    stream
+        .set_write_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(exchange)?;
     let mut line = serde_json::to_vec(request).unwrap_or_default();
     line.push(b'\n');
     stream.write_all(&line).map_err(exchange)?;
     let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply).map_err(exchange)?;
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(exchange)?;
     serde_json::from_str(&reply)
         .map(Some)
         .map_err(|e| AdminError::BadReply {

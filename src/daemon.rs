@@ -46,7 +46,11 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let status = Arc::new(Status::default());
     status.set("store", "open");
     let listener = admin::bind(&data_dir)?;
-    let admin_task = tokio::spawn(admin::serve(listener, Arc::clone(&store), Arc::clone(&status)));
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        Arc::clone(&store),
+        Arc::clone(&status),
+    ));
 
     let signal = wait_for_shutdown().await?;
     tracing::info!(signal, "shutting down");

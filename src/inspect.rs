@@ -84,14 +84,21 @@ pub struct ItemView {
 }
 
 /// Builds the report from an open store.
-pub fn report(store: &Store, query: &Query, source: &str, now_ms: u64) -> Result<Report, StoreError> {
+pub fn report(
+    store: &Store,
+    query: &Query,
+    source: &str,
+    now_ms: u64,
+) -> Result<Report, StoreError> {
     let mut queues = Vec::new();
     for queue in Queue::ALL {
         queues.push(QueueStats {
             queue: section_of(queue),
             count: store.len(queue),
             retrying: Some(store.retrying(queue)),
-            oldest_age_ms: store.oldest_received_ms(queue)?.map(|t| now_ms.saturating_sub(t)),
+            oldest_age_ms: store
+                .oldest_received_ms(queue)?
+                .map(|t| now_ms.saturating_sub(t)),
         });
     }
     queues.push(QueueStats {
@@ -116,7 +123,12 @@ pub fn report(store: &Store, query: &Query, source: &str, now_ms: u64) -> Result
     })
 }
 
-fn list(store: &Store, section: Section, limit: usize, now_ms: u64) -> Result<Vec<ItemView>, StoreError> {
+fn list(
+    store: &Store,
+    section: Section,
+    limit: usize,
+    now_ms: u64,
+) -> Result<Vec<ItemView>, StoreError> {
     let queue = match section {
         Section::Indicators => Queue::Indicators,
         Section::Sightings => Queue::Sightings,
@@ -157,7 +169,8 @@ fn item_view(queue: Section, key: u64, envelope: &Envelope, now_ms: u64) -> Item
         key,
         age_ms: now_ms.saturating_sub(envelope.received_at_ms),
         attempts: envelope.attempts,
-        next_attempt_in_ms: (envelope.next_attempt_ms > now_ms).then(|| envelope.next_attempt_ms - now_ms),
+        next_attempt_in_ms: (envelope.next_attempt_ms > now_ms)
+            .then(|| envelope.next_attempt_ms - now_ms),
         last_error: envelope.last_error.clone(),
         dead_reason: None,
         origin: None,
@@ -173,7 +186,9 @@ pub fn summarize(payload: &[u8]) -> String {
             let parts: Vec<&str> = [
                 field("x_threatbus_update"),
                 field("id"),
-                field("pattern").or(field("sighting_of_ref")).or(field("name")),
+                field("pattern")
+                    .or(field("sighting_of_ref"))
+                    .or(field("name")),
             ]
             .into_iter()
             .flatten()
@@ -207,18 +222,35 @@ pub fn render_table(report: &Report) -> String {
     } else {
         "read from the stopped store"
     };
-    let _ = writeln!(out, "Store: {} (format {}, {source})", report.store_path, report.format_version);
+    let _ = writeln!(
+        out,
+        "Store: {} (format {}, {source})",
+        report.store_path, report.format_version
+    );
     let _ = writeln!(
         out,
         "Stream position: {}",
-        report.stream_position.as_deref().unwrap_or("none (first start)")
+        report
+            .stream_position
+            .as_deref()
+            .unwrap_or("none (first start)")
     );
     let _ = writeln!(out);
-    let _ = writeln!(out, "{:<11} {:>9} {:>9}  OLDEST", "QUEUE", "ITEMS", "RETRYING");
+    let _ = writeln!(
+        out,
+        "{:<11} {:>9} {:>9}  OLDEST",
+        "QUEUE", "ITEMS", "RETRYING"
+    );
     for q in &report.queues {
         let retrying = q.retrying.map_or("-".to_string(), |r| r.to_string());
         let oldest = q.oldest_age_ms.map_or("-".to_string(), human_duration);
-        let _ = writeln!(out, "{:<11} {:>9} {:>9}  {oldest}", q.queue.name(), q.count, retrying);
+        let _ = writeln!(
+            out,
+            "{:<11} {:>9} {:>9}  {oldest}",
+            q.queue.name(),
+            q.count,
+            retrying
+        );
     }
     for section in Section::ALL {
         let items: Vec<&ItemView> = report.items.iter().filter(|i| i.queue == section).collect();
@@ -226,9 +258,15 @@ pub fn render_table(report: &Report) -> String {
             continue;
         }
         let _ = writeln!(out, "\n{} (first {}):", section.name(), items.len());
-        let _ = writeln!(out, "{:>8}  {:>8}  {:>8}  {:>8}  DETAIL", "KEY", "AGE", "ATTEMPTS", "NEXT TRY");
+        let _ = writeln!(
+            out,
+            "{:>8}  {:>8}  {:>8}  {:>8}  DETAIL",
+            "KEY", "AGE", "ATTEMPTS", "NEXT TRY"
+        );
         for item in items {
-            let next = item.next_attempt_in_ms.map_or("now".to_string(), human_duration);
+            let next = item
+                .next_attempt_in_ms
+                .map_or("now".to_string(), human_duration);
             let _ = writeln!(
                 out,
                 "{:>8}  {:>8}  {:>8}  {:>8}  {}",
@@ -279,11 +317,17 @@ mod tests {
     #[test]
     fn summaries_pick_the_telling_fields() {
         let ind = br#"{"type":"indicator","id":"indicator--1","pattern":"[ipv4-addr:value = '1.2.3.4']","x_threatbus_update":"REMOVE"}"#;
-        assert_eq!(summarize(ind), "REMOVE indicator--1 [ipv4-addr:value = '1.2.3.4']");
+        assert_eq!(
+            summarize(ind),
+            "REMOVE indicator--1 [ipv4-addr:value = '1.2.3.4']"
+        );
         let s = br#"{"type":"sighting","id":"sighting--2","sighting_of_ref":"indicator--1"}"#;
         assert_eq!(summarize(s), "sighting--2 indicator--1");
         assert_eq!(summarize(b"\xff\xfe"), "not JSON: \u{fffd}\u{fffd}");
         let long = format!("{{\"id\":\"{}\"}}", "x".repeat(300));
-        assert_eq!(summarize(long.as_bytes()).chars().count(), SUMMARY_CHARS + 1);
+        assert_eq!(
+            summarize(long.as_bytes()).chars().count(),
+            SUMMARY_CHARS + 1
+        );
     }
 }

@@ -9,10 +9,10 @@
 //!
 //! - [`config`]: the YAML file plus environment overrides, validated before anything starts.
 //! - [`store`]: the sled outbox: queues, dead letters, stream position, group commit.
-pub mod config;
-pub mod store;
-pub mod inspect;
 pub mod admin;
+pub mod config;
 pub mod daemon;
+pub mod inspect;
 pub mod logging;
 pub mod maintenance;
+pub mod store;

@@ -12,7 +12,11 @@ use opencti_threatbus::store::Queue;
 use opencti_threatbus::{daemon, logging};
 
 #[derive(Parser)]
-#[command(name = "opencti-threatbus", version, about = "Restart-safe bridge between OpenCTI and Threat Bus")]
+#[command(
+    name = "opencti-threatbus",
+    version,
+    about = "Restart-safe bridge between OpenCTI and Threat Bus"
+)]
 struct Cli {
     /// Configuration file (YAML). Default: $CONFIG_FILE, else ./config.yml if present.
     #[arg(long, global = true, value_name = "PATH")]
@@ -80,16 +84,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(cli.config),
-        Command::InspectQueue { json, queue, limit, store } => {
+        Command::InspectQueue {
+            json,
+            queue,
+            limit,
+            store,
+        } => {
             let query = Query {
                 section: queue.as_deref().and_then(Section::parse),
                 limit,
             };
-            with_data_dir(&cli.config, store, |dir| maintenance::inspect(&dir, &query, json))
+            with_data_dir(&cli.config, store, |dir| {
+                maintenance::inspect(&dir, &query, json)
+            })
         }
         Command::RequeueDead(args) => {
             let queue = args.queue.as_deref().and_then(Queue::parse);
-            with_data_dir(&cli.config, args.store, |dir| maintenance::requeue_dead(&dir, queue, args.ids))
+            with_data_dir(&cli.config, args.store, |dir| {
+                maintenance::requeue_dead(&dir, queue, args.ids)
+            })
         }
         Command::PurgeDead { dead, all } => {
             if dead.ids.is_empty() && !all {
@@ -97,9 +110,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let queue = dead.queue.as_deref().and_then(Queue::parse);
-            with_data_dir(&cli.config, dead.store, |dir| maintenance::purge_dead(&dir, queue, dead.ids))
+            with_data_dir(&cli.config, dead.store, |dir| {
+                maintenance::purge_dead(&dir, queue, dead.ids)
+            })
         }
-        Command::Health { store } => with_data_dir(&cli.config, store, |dir| maintenance::health(&dir)),
+        Command::Health { store } => {
+            with_data_dir(&cli.config, store, |dir| maintenance::health(&dir))
+        }
     }
 }
 

@@ -17,7 +17,11 @@ pub fn inspect(data_dir: &Path, query: &Query, json: bool) -> anyhow::Result<Str
     }
 }
 
-pub fn requeue_dead(data_dir: &Path, queue: Option<Queue>, keys: Vec<u64>) -> anyhow::Result<String> {
+pub fn requeue_dead(
+    data_dir: &Path,
+    queue: Option<Queue>,
+    keys: Vec<u64>,
+) -> anyhow::Result<String> {
     match request(data_dir, Request::RequeueDead { queue, keys })? {
         Response::Count { count } => Ok(format!("requeued {count} dead letter(s)\n")),
         other => Err(unexpected(other)),

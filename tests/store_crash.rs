@@ -28,7 +28,9 @@ fn options() -> StoreOptions {
 /// The child's workload; a no-op unless the parent started this binary as its child.
 #[test]
 fn crash_child() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else { return };
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
     let store = std::sync::Arc::new(Store::open(Path::new(&dir), &options()).unwrap());
     println!("OPEN");
     let sightings = {
@@ -110,7 +112,10 @@ fn confirmed_writes_survive_sigkill_at_random_instants() {
         confirmed.batches.len(),
         confirmed.sightings.len()
     );
-    assert!(confirmed.batches.len() > 100, "the child wrote too little to prove anything");
+    assert!(
+        confirmed.batches.len() > 100,
+        "the child wrote too little to prove anything"
+    );
     assert!(killed_during_open > 0, "no kill landed during open");
 }
 
@@ -171,21 +176,31 @@ fn verify(dir: &Path, confirmed: &Confirmed, round: usize) {
         let b: u64 = parts.next().unwrap().parse().unwrap();
         let j: usize = parts.next().unwrap().parse().unwrap();
         let size: usize = parts.next().unwrap().parse().unwrap();
-        assert_eq!((b, j), (expected_batch, expected_j), "round {round}: items out of order or missing");
+        assert_eq!(
+            (b, j),
+            (expected_batch, expected_j),
+            "round {round}: items out of order or missing"
+        );
         expected_j += 1;
         if expected_j == size {
             expected_batch += 1;
             expected_j = 0;
         }
     }
-    assert_eq!(expected_j, 0, "round {round}: batch {expected_batch} is torn");
+    assert_eq!(
+        expected_j, 0,
+        "round {round}: batch {expected_batch} is torn"
+    );
     assert_eq!(
         expected_batch - 1,
         position,
         "round {round}: the stream position must be exactly the last complete batch"
     );
     if let Some(max) = confirmed.batches.last() {
-        assert!(*max <= position, "round {round}: confirmed batch {max} lost (position {position})");
+        assert!(
+            *max <= position,
+            "round {round}: confirmed batch {max} lost (position {position})"
+        );
     }
 
     // Sightings: 0..n contiguous, and every confirmed one present.
@@ -193,11 +208,21 @@ fn verify(dir: &Path, confirmed: &Confirmed, round: usize) {
         .scan(Queue::Sightings, None, usize::MAX)
         .unwrap()
         .iter()
-        .map(|i| String::from_utf8_lossy(&i.envelope.payload)[2..].parse().unwrap())
+        .map(|i| {
+            String::from_utf8_lossy(&i.envelope.payload)[2..]
+                .parse()
+                .unwrap()
+        })
         .collect();
-    assert!(present.iter().copied().eq(0..present.len() as u64), "round {round}: sightings not contiguous");
+    assert!(
+        present.iter().copied().eq(0..present.len() as u64),
+        "round {round}: sightings not contiguous"
+    );
     if let Some(max) = confirmed.sightings.last() {
-        assert!((*max as usize) < present.len(), "round {round}: confirmed sighting {max} lost");
+        assert!(
+            (*max as usize) < present.len(),
+            "round {round}: confirmed sighting {max} lost"
+        );
     }
     assert_eq!(store.len(Queue::Sightings), present.len() as u64);
     store.close().unwrap();

@@ -10,14 +10,36 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Enqueue { queue: Queue, n: usize, position: bool },
-    Park { queue: Queue },
+    Enqueue {
+        queue: Queue,
+        n: usize,
+        position: bool,
+    },
+    Park {
+        queue: Queue,
+    },
     SetPosition,
-    Ack { queue: Queue, idx: usize },
-    Reschedule { queue: Queue, idx: usize, at: u64 },
-    DeadLetter { queue: Queue, idx: usize },
-    Requeue { queue: Option<Queue>, idx: Option<usize> },
-    Purge { queue: Option<Queue>, idx: Option<usize> },
+    Ack {
+        queue: Queue,
+        idx: usize,
+    },
+    Reschedule {
+        queue: Queue,
+        idx: usize,
+        at: u64,
+    },
+    DeadLetter {
+        queue: Queue,
+        idx: usize,
+    },
+    Requeue {
+        queue: Option<Queue>,
+        idx: Option<usize>,
+    },
+    Purge {
+        queue: Option<Queue>,
+        idx: Option<usize>,
+    },
     Reopen,
 }
 
@@ -107,7 +129,10 @@ impl Model {
     /// sled keys restart after the largest key present, exactly like the store.
     fn reopen(&mut self) {
         for queue in Queue::ALL {
-            let last = self.queues.get(&queue).and_then(|q| q.keys().next_back().copied());
+            let last = self
+                .queues
+                .get(&queue)
+                .and_then(|q| q.keys().next_back().copied());
             self.next_seq.insert(queue, last.map_or(0, |l| l + 1));
         }
         self.next_dead = self.dead.keys().next_back().map_or(0, |l| l + 1);
@@ -117,7 +142,9 @@ impl Model {
         let only = idx.and_then(|i| self.dead_key_at(i));
         self.dead
             .iter()
-            .filter(|(k, d)| queue.is_none_or(|q| q == d.queue) && (idx.is_none() || only == Some(**k)))
+            .filter(|(k, d)| {
+                queue.is_none_or(|q| q == d.queue) && (idx.is_none() || only == Some(**k))
+            })
             .map(|(k, _)| *k)
             .collect()
     }
@@ -184,7 +211,10 @@ fn apply(slot: &mut Option<Store>, model: &mut Model, op: &Op, dir: &std::path::
             };
             assert!(store.ack(queue, key).unwrap());
             model.queues.get_mut(&queue).unwrap().remove(&key);
-            assert!(!store.ack(queue, key).unwrap(), "a second ack finds nothing");
+            assert!(
+                !store.ack(queue, key).unwrap(),
+                "a second ack finds nothing"
+            );
         }
         Op::Reschedule { queue, idx, at } => {
             let Some(key) = model.key_at(queue, idx) else {
@@ -215,7 +245,10 @@ fn apply(slot: &mut Option<Store>, model: &mut Model, op: &Op, dir: &std::path::
         }
         Op::Requeue { queue, idx } => {
             let keys = model.dead_matching(queue, idx);
-            let filter = DeadFilter { queue, keys: if idx.is_some() { keys.clone() } else { vec![] } };
+            let filter = DeadFilter {
+                queue,
+                keys: if idx.is_some() { keys.clone() } else { vec![] },
+            };
             if idx.is_some() && keys.is_empty() {
                 return; // an empty key list means "all" to the store
             }
@@ -230,7 +263,10 @@ fn apply(slot: &mut Option<Store>, model: &mut Model, op: &Op, dir: &std::path::
             if idx.is_some() && keys.is_empty() {
                 return;
             }
-            let filter = DeadFilter { queue, keys: if idx.is_some() { keys.clone() } else { vec![] } };
+            let filter = DeadFilter {
+                queue,
+                keys: if idx.is_some() { keys.clone() } else { vec![] },
+            };
             assert_eq!(store.purge_dead(&filter).unwrap(), keys.len());
             for key in keys {
                 model.dead.remove(&key);
@@ -248,32 +284,56 @@ fn check(store: &Store, model: &Model) {
         let actual: BTreeMap<u64, ModelItem> = actual
             .into_iter()
             .map(|i| {
-                (i.key, ModelItem {
-                    payload: i.envelope.payload,
-                    attempts: i.envelope.attempts,
-                    next_attempt_ms: i.envelope.next_attempt_ms,
-                    last_error: i.envelope.last_error,
-                })
+                (
+                    i.key,
+                    ModelItem {
+                        payload: i.envelope.payload,
+                        attempts: i.envelope.attempts,
+                        next_attempt_ms: i.envelope.next_attempt_ms,
+                        last_error: i.envelope.last_error,
+                    },
+                )
             })
             .collect();
         assert_eq!(&actual, expected, "{queue} contents");
         assert_eq!(store.len(queue), expected.len() as u64, "{queue} len");
         let retrying = expected.values().filter(|i| i.attempts > 0).count() as u64;
         assert_eq!(store.retrying(queue), retrying, "{queue} retrying");
-        assert_eq!(store.oldest_received_ms(queue).unwrap().is_some(), !expected.is_empty());
+        assert_eq!(
+            store.oldest_received_ms(queue).unwrap().is_some(),
+            !expected.is_empty()
+        );
 
         // Readiness at every boundary that matters: each item's own due time, and just before.
         let mut instants: Vec<u64> = expected.values().map(|i| i.next_attempt_ms).collect();
-        instants.extend(expected.values().map(|i| i.next_attempt_ms.saturating_sub(1)));
+        instants.extend(
+            expected
+                .values()
+                .map(|i| i.next_attempt_ms.saturating_sub(1)),
+        );
         for now in instants {
-            let ready: Vec<u64> = store.next_ready(queue, None, now, usize::MAX).unwrap().iter().map(|i| i.key).collect();
-            let want: Vec<u64> = expected.iter().filter(|(_, i)| i.next_attempt_ms <= now).map(|(k, _)| *k).collect();
+            let ready: Vec<u64> = store
+                .next_ready(queue, None, now, usize::MAX)
+                .unwrap()
+                .iter()
+                .map(|i| i.key)
+                .collect();
+            let want: Vec<u64> = expected
+                .iter()
+                .filter(|(_, i)| i.next_attempt_ms <= now)
+                .map(|(k, _)| *k)
+                .collect();
             assert_eq!(ready, want, "{queue} ready at {now}");
         }
 
         // Paging with a cursor sees the same sequence as one scan.
         if let Some(first) = expected.keys().next() {
-            let page: Vec<u64> = store.scan(queue, Some(*first), 2).unwrap().iter().map(|i| i.key).collect();
+            let page: Vec<u64> = store
+                .scan(queue, Some(*first), 2)
+                .unwrap()
+                .iter()
+                .map(|i| i.key)
+                .collect();
             let want: Vec<u64> = expected.keys().skip(1).take(2).copied().collect();
             assert_eq!(page, want, "{queue} page after {first}");
         }
@@ -282,22 +342,28 @@ fn check(store: &Store, model: &Model) {
     let dead: BTreeMap<u64, ModelDead> = dead
         .into_iter()
         .map(|d| {
-            (d.key, ModelDead {
-                queue: d.letter.queue,
-                original_key: d.letter.original_key,
-                reason: d.letter.reason,
-                item: ModelItem {
-                    payload: d.letter.envelope.payload,
-                    attempts: d.letter.envelope.attempts,
-                    next_attempt_ms: d.letter.envelope.next_attempt_ms,
-                    last_error: d.letter.envelope.last_error,
+            (
+                d.key,
+                ModelDead {
+                    queue: d.letter.queue,
+                    original_key: d.letter.original_key,
+                    reason: d.letter.reason,
+                    item: ModelItem {
+                        payload: d.letter.envelope.payload,
+                        attempts: d.letter.envelope.attempts,
+                        next_attempt_ms: d.letter.envelope.next_attempt_ms,
+                        last_error: d.letter.envelope.last_error,
+                    },
                 },
-            })
+            )
         })
         .collect();
     assert_eq!(dead, model.dead, "dead letters");
     assert_eq!(store.dead_len(), model.dead.len() as u64);
-    assert_eq!(store.oldest_dead_ms().unwrap().is_some(), !model.dead.is_empty());
+    assert_eq!(
+        store.oldest_dead_ms().unwrap().is_some(),
+        !model.dead.is_empty()
+    );
     assert_eq!(store.position().unwrap(), model.position, "stream position");
 }
 

@@ -49,13 +49,14 @@ pub(crate) fn check_and_upgrade(tree: &sled::Tree, path: &Path) -> Result<u32, S
 
 fn upgrade(tree: &sled::Tree, mut version: u32, steps: &[Step]) -> Result<(), StoreError> {
     while version < CURRENT_FORMAT {
-        let step = steps
-            .iter()
-            .find(|s| s.from == version)
-            .ok_or_else(|| StoreError::Migration {
-                from: version,
-                detail: "no upgrade step is known for this version".into(),
-            })?;
+        let step =
+            steps
+                .iter()
+                .find(|s| s.from == version)
+                .ok_or_else(|| StoreError::Migration {
+                    from: version,
+                    detail: "no upgrade step is known for this version".into(),
+                })?;
         (step.apply)(tree).map_err(|detail| StoreError::Migration {
             from: version,
             detail,

@@ -21,9 +21,7 @@ pub use migrate::CURRENT_FORMAT;
 pub use record::{now_ms, DeadItem, DeadLetter, Envelope, Item, Queue};
 
 use commit::GroupCommit;
-use record::{
-    decode, encode, item_key, key_seq, META_STREAM_POSITION, TAG_DEAD, TAG_META,
-};
+use record::{decode, encode, item_key, key_seq, META_STREAM_POSITION, TAG_DEAD, TAG_META};
 
 /// The sled database lives in this subdirectory of `bridge.data_dir`; the admin socket
 /// sits beside it.
@@ -102,11 +100,8 @@ impl Store {
             .map_err(|e| StoreError::from_open(path.clone(), e))?;
         let tree = db.open_tree("outbox")?;
         let format_found = migrate::check_and_upgrade(&tree, &path)?;
-        let commit = GroupCommit::start(
-            db.clone(),
-            options.flush_interval,
-            options.flush_max_items,
-        );
+        let commit =
+            GroupCommit::start(db.clone(), options.flush_interval, options.flush_max_items);
         let store = Store {
             db,
             tree,
@@ -182,12 +177,16 @@ impl Store {
             batch.insert(META_STREAM_POSITION, position.as_bytes());
         }
         self.tree.apply_batch(batch)?;
-        range.next_seq.store(first + items as u64, Ordering::Relaxed);
+        range
+            .next_seq
+            .store(first + items as u64, Ordering::Relaxed);
         range.len.fetch_add(items as u64, Ordering::Relaxed);
         self.dead
             .next_seq
             .store(first_dead + parked_count as u64, Ordering::Relaxed);
-        self.dead.len.fetch_add(parked_count as u64, Ordering::Relaxed);
+        self.dead
+            .len
+            .fetch_add(parked_count as u64, Ordering::Relaxed);
         Ok(self.commit.register(items + parked_count))
     }
 
@@ -197,7 +196,12 @@ impl Store {
     }
 
     /// Parks one item as a dead letter on arrival (it never entered its queue).
-    pub fn park(&self, queue: Queue, payload: Vec<u8>, reason: String) -> Result<Durable, StoreError> {
+    pub fn park(
+        &self,
+        queue: Queue,
+        payload: Vec<u8>,
+        reason: String,
+    ) -> Result<Durable, StoreError> {
         self.commit_batch(queue, Vec::new(), vec![(payload, reason)], None)
     }
 
@@ -230,7 +234,12 @@ impl Store {
 
     /// Up to `limit` items of `queue` in key order, starting after `after`. Records that
     /// cannot be decoded are moved to the dead letters on the way (they can never be sent).
-    pub fn scan(&self, queue: Queue, after: Option<u64>, limit: usize) -> Result<Vec<Item>, StoreError> {
+    pub fn scan(
+        &self,
+        queue: Queue,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Item>, StoreError> {
         self.scan_where(queue, after, limit, |_| true)
     }
 
@@ -269,7 +278,11 @@ impl Store {
     }
 
     /// Up to `limit` dead letters in key order, starting after `after`.
-    pub fn dead_letters(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadItem>, StoreError> {
+    pub fn dead_letters(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadItem>, StoreError> {
         let mut items = Vec::new();
         for entry in self.tree.range(seq_range(TAG_DEAD, after)).take(limit) {
             let (key, raw) = entry?;
@@ -303,7 +316,9 @@ impl Store {
     pub fn oldest_received_ms(&self, queue: Queue) -> Result<Option<u64>, StoreError> {
         let first = self.tree.range(seq_range(queue.tag(), None)).next();
         Ok(match first {
-            Some(entry) => decode::<EnvelopeHead>(&entry?.1).ok().map(|h| h.received_at_ms),
+            Some(entry) => decode::<EnvelopeHead>(&entry?.1)
+                .ok()
+                .map(|h| h.received_at_ms),
             None => None,
         })
     }
@@ -342,14 +357,16 @@ impl Store {
         error: &str,
     ) -> Result<Option<u32>, StoreError> {
         let mut before = None;
-        let updated = self.tree.update_and_fetch(item_key(queue.tag(), key), |old| {
-            let mut envelope: Envelope = decode(old?).ok()?;
-            before = Some(envelope.attempts);
-            envelope.attempts = envelope.attempts.saturating_add(1);
-            envelope.next_attempt_ms = next_attempt_ms;
-            envelope.last_error = Some(error.to_string());
-            Some(encode(&envelope))
-        })?;
+        let updated = self
+            .tree
+            .update_and_fetch(item_key(queue.tag(), key), |old| {
+                let mut envelope: Envelope = decode(old?).ok()?;
+                before = Some(envelope.attempts);
+                envelope.attempts = envelope.attempts.saturating_add(1);
+                envelope.next_attempt_ms = next_attempt_ms;
+                envelope.last_error = Some(error.to_string());
+                Some(encode(&envelope))
+            })?;
         let Some(updated) = updated else {
             return Ok(None);
         };
@@ -470,7 +487,9 @@ impl Store {
                         matching.push(item);
                     }
                 }
-                Err(e) => tracing::warn!(key = seq, error = %e, "skipping an undecodable dead letter"),
+                Err(e) => {
+                    tracing::warn!(key = seq, error = %e, "skipping an undecodable dead letter")
+                }
             }
         }
         Ok(matching)
@@ -515,7 +534,9 @@ impl Store {
             }
             range.len.store(len, Ordering::Relaxed);
             range.retrying.store(retrying, Ordering::Relaxed);
-            range.next_seq.store(last.map_or(0, |l| l + 1), Ordering::Relaxed);
+            range
+                .next_seq
+                .store(last.map_or(0, |l| l + 1), Ordering::Relaxed);
         }
         Ok(())
     }
