@@ -9,4 +9,7 @@
 //!
 //! - [`config`]: the YAML file plus environment overrides, validated before anything starts.
 //! - [`store`]: the sled outbox: queues, dead letters, stream position, group commit.
+//! - [`stix`]: pure mapping of stream events to Threat Bus indicators, and of Threat Bus
+//!   messages (sightings, echoes) back; STIX 2.1 checks and RFC 3339 timestamps.
 pub mod config;
+pub mod stix;
