@@ -3,16 +3,22 @@
 //! Data flows in two directions through one durable store:
 //!
 //! ```text
-//!  OpenCTI /stream (SSE) ──► pipeline::stream ──► store (indicators) ──► pipeline::to_bus ──► Threat Bus
-//!  Threat Bus (ZeroMQ)   ──► pipeline::intake ──► store (sightings)  ──► pipeline::to_opencti ──► OpenCTI GraphQL
+//!  OpenCTI /stream (SSE) ─► pipeline::stream ─► store: indicators ─► pipeline::to_bus ─────► Threat Bus
+//!  Threat Bus (ZeroMQ)   ─► pipeline::intake ─► store: sightings  ─► pipeline::to_opencti ─► OpenCTI GraphQL
 //! ```
 //!
 //! - [`config`]: the YAML file plus environment overrides, validated before anything starts.
 //! - [`store`]: the sled outbox: queues, dead letters, stream position, group commit.
+//! - [`stix`]: pure mapping of stream events to indicators, and validation of sightings.
+//! - [`daemon`]: the `run` command: wires the store, the admin socket and the pipelines.
+//! - [`admin`]: the Unix socket through which the maintenance commands reach the daemon.
+//! - [`inspect`]: the `inspect-queue` report, and [`maintenance`]: the other commands.
+//! - [`logging`]: log level and format from the configuration.
 pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod inspect;
 pub mod logging;
 pub mod maintenance;
+pub mod stix;
 pub mod store;
