@@ -62,7 +62,8 @@ fn raw_sled(batch: usize) -> f64 {
     let mut n = 0usize;
     while start.elapsed() < RUN_FOR {
         for _ in 0..batch {
-            tree.insert((n as u64).to_be_bytes(), payload(n)).expect("insert");
+            tree.insert((n as u64).to_be_bytes(), payload(n))
+                .expect("insert");
             n += 1;
         }
         db.flush().expect("flush");
@@ -79,9 +80,15 @@ fn store_pipelined(batch: usize, options: &StoreOptions) -> f64 {
     while start.elapsed() < RUN_FOR {
         let items = (sent..sent + batch).map(payload).collect();
         let position = format!("{sent}-0");
-        pending.push_back(store.enqueue(Queue::Indicators, items, Some(&position)).expect("enqueue"));
+        pending.push_back(
+            store
+                .enqueue(Queue::Indicators, items, Some(&position))
+                .expect("enqueue"),
+        );
         sent += batch;
-        while pending.len() * batch > WINDOW_ITEMS.max(batch) || pending.front_mut().is_some_and(|d| d.is_done()) {
+        while pending.len() * batch > WINDOW_ITEMS.max(batch)
+            || pending.front_mut().is_some_and(|d| d.is_done())
+        {
             if let Some(d) = pending.pop_front() {
                 d.wait_blocking().expect("durable");
                 durable += batch;

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one test command: sets up what the tests need on a fresh machine (the Threat Bus venv),
+# then runs rustfmt, clippy and every test. CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+shared="${SHARED_DIR:-../shared}"
+venv="${THREATBUS_VENV:-.venv-threatbus}"
+requirements="$shared/threatbus/requirements.txt"
+
+# The real Threat Bus, pinned, in a venv of its own: reinstalled only when the pins change.
+if [ ! -x "$venv/bin/threatbus" ] || ! cmp -s "$requirements" "$venv/requirements.txt"; then
+    python="$(command -v python3.11 || command -v python3)"
+    echo "== creating the Threat Bus venv in $venv ($($python --version))"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$venv/requirements.txt"
+fi
+export THREATBUS_BIN="$PWD/$venv/bin/threatbus"
+export THREATBUS_PYTHON="$PWD/$venv/bin/python"
+export OPENCTI_SHARED_DIR="$(cd "$shared/opencti" && pwd)"
+export THREATBUS_CONFIG="$(cd "$shared/threatbus" && pwd)/config.yaml"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --locked
