@@ -27,4 +27,11 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --locked
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+# Doc tests are left out: the crate has no runnable examples, and an empty doc-test run
+# would be the last "test result" line.
+cargo test --locked --lib --bins --tests 2>&1 | tee "$log"
+passed=$(grep -oE 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -oE '; [0-9]+ failed' "$log" | awk '{s+=$2} END {print s+0}')
+echo "cargo: $passed passed, $failed failed"

@@ -27,6 +27,9 @@ pub fn store_options(config: &Config) -> StoreOptions {
 }
 
 async fn run_async(config: Config) -> anyhow::Result<()> {
+    for key in &config.unknown_keys {
+        tracing::warn!(key = %key, "unknown configuration key ignored (a typo?)");
+    }
     let data_dir = config.bridge.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
