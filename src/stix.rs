@@ -144,6 +144,17 @@ pub fn map_stream_event(event_type: &str, data: &str, forward_all_iocs: bool) ->
     }
 }
 
+/// [`map_stream_event`] for a `data:` the caller has already parsed (the stream reader
+/// parses once, to look at `origin` too).
+pub fn map_stream_value(event_type: &str, event: Value, forward_all_iocs: bool) -> StreamAction {
+    match EventKind::from_sse(event_type) {
+        Some(kind) => map_event(kind, event, forward_all_iocs),
+        None => skip(SkipReason::NotADataEvent {
+            event_type: event_type.to_owned(),
+        }),
+    }
+}
+
 /// Completes a 4.x patch-only update once the caller has read the full indicator (STIX
 /// 2.1, 4.x field layout) through the API. `patch` is the event's `x_opencti_patch`, from
 /// [`StreamAction::NeedsFullIndicator`]; it tells whether the indicator was forwarded

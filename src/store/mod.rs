@@ -78,6 +78,8 @@ struct Range {
 }
 
 pub struct Store {
+    /// Wakes a queue's drainer when items arrive (one drainer per queue).
+    arrivals: [tokio::sync::Notify; 2],
     db: sled::Db,
     tree: sled::Tree,
     commit: GroupCommit,
@@ -103,6 +105,7 @@ impl Store {
         let commit =
             GroupCommit::start(db.clone(), options.flush_interval, options.flush_max_items);
         let store = Store {
+            arrivals: Default::default(),
             db,
             tree,
             commit,
@@ -295,6 +298,11 @@ impl Store {
         Ok(items)
     }
 
+    /// Resolves when items arrive in `queue` (at once if some arrived since the last call).
+    pub fn notified(&self, queue: Queue) -> tokio::sync::futures::Notified<'_> {
+        self.arrivals[queue_index(queue)].notified()
+    }
+
     pub fn len(&self, queue: Queue) -> u64 {
         self.range(queue).len.load(Ordering::Relaxed)
     }
@@ -454,6 +462,7 @@ impl Store {
             range.next_seq.store(seq + 1, Ordering::Relaxed);
             range.len.fetch_add(1, Ordering::Relaxed);
             self.dead.len.fetch_sub(1, Ordering::Relaxed);
+            self.arrivals[queue_index(queue)].notify_one();
             moved += 1;
         }
         self.flush()?;
@@ -569,6 +578,13 @@ fn seq_range(tag: u8, after: Option<u64>) -> RangeInclusive<[u8; 9]> {
     // Sequence numbers count up from 0 and never reach u64::MAX, so saturating is exact.
     let start = item_key(tag, after.map_or(0, |seq| seq.saturating_add(1)));
     start..=item_key(tag, u64::MAX)
+}
+
+fn queue_index(queue: Queue) -> usize {
+    match queue {
+        Queue::Indicators => 0,
+        Queue::Sightings => 1,
+    }
 }
 
 fn meta_key(name: &str) -> Vec<u8> {

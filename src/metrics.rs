@@ -1,0 +1,94 @@
+//! Counters the daemon keeps (SPEC §7), rendered as Prometheus text when enabled.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::store::{Queue, Store};
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    pub received: Counter,
+    pub delivered: Counter,
+    pub retried: Counter,
+    pub dead: Counter,
+    pub dropped: Counter,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub indicators: QueueCounters,
+    pub sightings: QueueCounters,
+    /// Stream events parked as dead letters on arrival.
+    pub dead: Counter,
+    pub stream_events: Counter,
+    pub stream_reconnects: Counter,
+    pub stream_gaps: Counter,
+    pub bus_resubscriptions: Counter,
+}
+
+impl Metrics {
+    pub fn queue(&self, queue: Queue) -> &QueueCounters {
+        match queue {
+            Queue::Indicators => &self.indicators,
+            Queue::Sightings => &self.sightings,
+        }
+    }
+
+    pub fn received(&self, queue: Queue, n: u64) {
+        self.queue(queue).received.add(n);
+    }
+
+    /// Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self, store: &Store) -> String {
+        let mut out = String::new();
+        for (name, help, pick) in [
+            ("received", "Items written to the outbox.", pick_received as fn(&QueueCounters) -> u64),
+            ("delivered", "Items confirmed delivered and removed from the outbox.", |q| q.delivered.get()),
+            ("retried", "Failed delivery attempts that will be retried.", |q| q.retried.get()),
+            ("dead", "Items moved to the dead letters.", |q| q.dead.get()),
+            ("dropped", "Items dropped because the outbox was full.", |q| q.dropped.get()),
+        ] {
+            let _ = writeln!(out, "# HELP opencti_threatbus_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE opencti_threatbus_{name}_total counter");
+            for queue in Queue::ALL {
+                let _ = writeln!(out, "opencti_threatbus_{name}_total{{queue=\"{queue}\"}} {}", pick(self.queue(queue)));
+            }
+        }
+        let _ = writeln!(out, "# HELP opencti_threatbus_queue_depth Items waiting in the outbox.");
+        let _ = writeln!(out, "# TYPE opencti_threatbus_queue_depth gauge");
+        for queue in Queue::ALL {
+            let _ = writeln!(out, "opencti_threatbus_queue_depth{{queue=\"{queue}\"}} {}", store.len(queue));
+        }
+        let _ = writeln!(out, "opencti_threatbus_queue_depth{{queue=\"dead\"}} {}", store.dead_len());
+        for (name, help, value) in [
+            ("stream_events_total", "SSE events read from OpenCTI.", self.stream_events.get()),
+            ("stream_reconnects_total", "Reconnections to the OpenCTI stream.", self.stream_reconnects.get()),
+            ("stream_gaps_total", "Times the stored position was older than the oldest retained event.", self.stream_gaps.get()),
+            ("threatbus_resubscriptions_total", "Subscriptions to Threat Bus after the first.", self.bus_resubscriptions.get()),
+        ] {
+            let _ = writeln!(out, "# HELP opencti_threatbus_{name} {help}");
+            let _ = writeln!(out, "# TYPE opencti_threatbus_{name} counter");
+            let _ = writeln!(out, "opencti_threatbus_{name} {value}");
+        }
+        out
+    }
+}
+
+fn pick_received(q: &QueueCounters) -> u64 {
+    q.received.get()
+}

@@ -1,0 +1,367 @@
+//! OpenCTI stream → indicator outbox.
+//!
+//! One connection at a time; every event is mapped ([`crate::stix`]) and written to the
+//! store together with the new resume position in one atomic batch ([`Checkpoint`] decides
+//! how far the position may move). Events that arrive back to back are committed together,
+//! so a busy stream costs one store write per burst, not per event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::checkpoint::{compare_ids, Checkpoint, EventRole};
+use super::retry::Backoff;
+use crate::admin::Status;
+use crate::metrics::Metrics;
+use crate::opencti::stream::{parse_connected, EventStream, SseEvent, StreamClient, StreamError};
+use crate::stix::{self, StreamAction};
+use crate::store::{Queue, Store, StoreError};
+
+/// Events committed together at most: bounds the work lost to a crash mid-burst and the
+/// memory of one batch, while keeping store writes rare on a busy stream.
+const MAX_BATCH_EVENTS: usize = 512;
+/// How long to wait between checks of a full indicator outbox.
+const FULL_OUTBOX_POLL: Duration = Duration::from_millis(100);
+/// 401/403/410 will not fix themselves in a second: retry slowly, never in a tight loop.
+const AUTH_RETRY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct ReaderConfig {
+    pub forward_all_iocs: bool,
+    pub indicator_limit: u64,
+    pub stream_timeout: Duration,
+    /// A live stream (`/stream/{id}`) honours `recover`; the raw `/stream` does not.
+    pub live: bool,
+    /// First start only: `Last-Event-ID` (pycti: live_stream_start_timestamp, default 0-0).
+    pub first_start_from: String,
+    /// First start only: the recover date (pycti: live_stream_recover_iso_date, default now).
+    pub first_start_recover: Option<String>,
+    pub retry: super::retry::RetryPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    /// The store failed: nothing can be recorded, so the reader stops (the daemon exits 1).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where and how the next connection starts.
+struct Resume {
+    last_event_id: String,
+    recover: Option<String>,
+}
+
+/// Why a connection ended.
+enum Outcome {
+    /// The stream ended or failed: reconnect after the backoff delay.
+    Failed(String),
+    /// The stream timed out (no heartbeat): reconnect.
+    Silent,
+    /// A gap was found on a live stream: reconnect at once in recover mode.
+    Recover { since: String },
+    /// Asked to stop.
+    Shutdown,
+}
+
+pub struct StreamReader {
+    client: StreamClient,
+    store: Arc<Store>,
+    config: ReaderConfig,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    checkpoint: Checkpoint,
+}
+
+/// What one burst of events adds to the store.
+#[derive(Default)]
+struct Batch {
+    events: usize,
+    items: Vec<Vec<u8>>,
+    parked: Vec<(Vec<u8>, String)>,
+    position: Option<String>,
+}
+
+impl StreamReader {
+    pub fn new(
+        client: StreamClient,
+        store: Arc<Store>,
+        config: ReaderConfig,
+        status: Arc<Status>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ReaderError> {
+        let checkpoint = Checkpoint::new(store.position()?);
+        Ok(StreamReader {
+            client,
+            store,
+            config,
+            status,
+            metrics,
+            checkpoint,
+        })
+    }
+
+    /// Reads until `shutdown` turns true. Only a store failure ends it early.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ReaderError> {
+        let mut backoff = Backoff::new(self.config.retry.clone());
+        let mut recover_since: Option<String> = None;
+        loop {
+            let resume = self.resume(recover_since.take());
+            self.status.set("stream", format!("connecting from {}", resume.last_event_id));
+            let connected = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                c = self.client.connect(&resume.last_event_id, resume.recover.as_deref()) => c,
+            };
+            let delay = match connected {
+                Ok(stream) => {
+                    self.checkpoint.reset_connection();
+                    let recovering = resume.recover.is_some();
+                    match self.read(stream, recovering, &mut shutdown, &mut backoff).await? {
+                        Outcome::Shutdown => return Ok(()),
+                        Outcome::Recover { since } => {
+                            recover_since = Some(since);
+                            continue;
+                        }
+                        Outcome::Silent => {
+                            tracing::warn!(timeout_s = self.config.stream_timeout.as_secs(), "no heartbeat from OpenCTI: reconnecting");
+                            backoff.next_delay()
+                        }
+                        Outcome::Failed(reason) => {
+                            tracing::warn!(%reason, "stream interrupted: reconnecting");
+                            backoff.next_delay()
+                        }
+                    }
+                }
+                Err(e) => self.connect_failed(&e, &mut backoff),
+            };
+            self.metrics.stream_reconnects.inc();
+            self.status.set("stream", format!("reconnecting in {:.1}s", delay.as_secs_f64()));
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn resume(&self, recover_since: Option<String>) -> Resume {
+        match (self.checkpoint.position(), recover_since) {
+            (_, Some(since)) => Resume {
+                last_event_id: since,
+                recover: Some(now_iso()),
+            },
+            (Some(position), None) => Resume {
+                last_event_id: position.to_string(),
+                recover: None,
+            },
+            // First start, like pycti: from the configured id, replaying the current state
+            // up to the recover date (a live stream does; the raw stream ignores it).
+            (None, None) => Resume {
+                last_event_id: self.config.first_start_from.clone(),
+                recover: Some(self.config.first_start_recover.clone().unwrap_or_else(now_iso)),
+            },
+        }
+    }
+
+    fn connect_failed(&self, error: &StreamError, backoff: &mut Backoff) -> Duration {
+        match error {
+            StreamError::Unauthorized { .. } => {
+                tracing::error!(error = %error, retry_s = AUTH_RETRY.as_secs(), "OpenCTI refused the token: check OPENCTI_TOKEN and the connector user's rights");
+                AUTH_RETRY
+            }
+            StreamError::Gone => {
+                tracing::error!(error = %error, retry_s = AUTH_RETRY.as_secs(), "the live stream is stopped or deleted in OpenCTI: start it again (Data > Data sharing > Live streams)");
+                AUTH_RETRY
+            }
+            other => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %other, retry_s = delay.as_secs_f64(), "cannot connect to the OpenCTI stream");
+                delay
+            }
+        }
+    }
+
+    async fn read(
+        &mut self,
+        mut stream: EventStream,
+        recovering: bool,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> Result<Outcome, ReaderError> {
+        let mut batch = Batch::default();
+        loop {
+            // Take what is already buffered without waiting; commit before any wait.
+            let next = match stream.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    self.commit(&mut batch, shutdown).await?;
+                    tokio::select! {
+                        _ = shutdown.wait_for(|s| *s) => return Ok(Outcome::Shutdown),
+                        next = tokio::time::timeout(self.config.stream_timeout, stream.next()) => match next {
+                            Ok(next) => next,
+                            Err(_) => return Ok(Outcome::Silent),
+                        },
+                    }
+                }
+            };
+            let event = match next {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    self.commit(&mut batch, shutdown).await?;
+                    return Ok(Outcome::Failed(e.to_string()));
+                }
+                None => {
+                    self.commit(&mut batch, shutdown).await?;
+                    return Ok(Outcome::Failed("the server ended the stream".into()));
+                }
+            };
+            if event.event == "connected" {
+                backoff.reset();
+                if let Some(outcome) = self.on_connected(&event, recovering) {
+                    self.commit(&mut batch, shutdown).await?;
+                    return Ok(outcome);
+                }
+                continue;
+            }
+            self.on_event(event, &mut batch);
+            if batch.events >= MAX_BATCH_EVENTS {
+                self.commit(&mut batch, shutdown).await?;
+            }
+        }
+    }
+
+    /// Gap detection (SPEC §2.7): our position is older than the oldest event OpenCTI
+    /// still retains, so events were trimmed away while the bridge was down.
+    fn on_connected(&mut self, event: &SseEvent, recovering: bool) -> Option<Outcome> {
+        let connected = match parse_connected(&event.data) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable `connected` event; gap detection skipped");
+                return None;
+            }
+        };
+        self.status.set("stream", "connected");
+        tracing::info!(position = ?self.checkpoint.position(), first = ?connected.first_event_id, last = ?connected.last_event_id, "stream connected");
+        let (Some(position), Some(first)) = (self.checkpoint.position(), connected.first_event_id.as_deref()) else {
+            return None;
+        };
+        if recovering || compare_ids(position, first) != Some(std::cmp::Ordering::Less) || position == "0-0" {
+            return None;
+        }
+        self.metrics.stream_gaps.inc();
+        if self.config.live {
+            tracing::error!(
+                position,
+                first_retained = first,
+                "events between the stored position and the oldest retained one were trimmed while the bridge was down: \
+                 reconnecting in recover mode to replay the current state (deletions inside the gap cannot be replayed)"
+            );
+            Some(Outcome::Recover { since: position.to_string() })
+        } else {
+            tracing::error!(
+                position,
+                first_retained = first,
+                "events between the stored position and the oldest retained one were trimmed while the bridge was down, \
+                 and the raw /stream cannot recover them: set connector.live_stream_id to a live stream to recover"
+            );
+            None
+        }
+    }
+
+    fn on_event(&mut self, event: SseEvent, batch: &mut Batch) {
+        batch.events += 1;
+        self.metrics.stream_events.inc();
+        let role = match event.event.as_str() {
+            "create" | "update" | "delete" | "merge" => self.on_data_event(&event, batch),
+            _ => EventRole::Heartbeat,
+        };
+        if let Some(position) = self.checkpoint.observe(event.id.as_deref(), role) {
+            batch.position = Some(position);
+        }
+    }
+
+    fn on_data_event(&mut self, event: &SseEvent, batch: &mut Batch) -> EventRole {
+        let parsed: Value = match serde_json::from_str(&event.data) {
+            Ok(value) => value,
+            Err(e) => {
+                let reason = format!("{} event {}: data is not valid JSON: {e}", event.event, event.id.as_deref().unwrap_or("without id"));
+                self.park(event, reason, batch);
+                return EventRole::Complete;
+            }
+        };
+        let role = if stix::is_dependency_event(&parsed) {
+            EventRole::Dependency
+        } else {
+            EventRole::Complete
+        };
+        match stix::map_stream_value(&event.event, parsed, self.config.forward_all_iocs) {
+            StreamAction::Skip { reason } => tracing::trace!(?reason, id = ?event.id, "event skipped"),
+            StreamAction::Publish(objects) => {
+                for object in objects {
+                    batch.items.push(serde_json::to_vec(&object).unwrap_or_default());
+                }
+            }
+            StreamAction::NeedsFullIndicator { stix_id, .. } => {
+                let reason = format!(
+                    "{stix_id}: OpenCTI 4.x sends patch-only updates; reading the full indicator through the API is not supported yet"
+                );
+                self.park(event, reason, batch);
+            }
+            StreamAction::Invalid { reason } => self.park(event, reason, batch),
+        }
+        role
+    }
+
+    fn park(&self, event: &SseEvent, reason: String, batch: &mut Batch) {
+        tracing::warn!(id = ?event.id, %reason, "stream event parked as a dead letter");
+        self.metrics.dead.inc();
+        batch.parked.push((event.data.clone().into_bytes(), reason));
+    }
+
+    /// Writes the batch and its position in one atomic step, first waiting while the
+    /// indicator outbox is full (SPEC §2.9: the stream can be replayed, so pause, not drop).
+    async fn commit(&mut self, batch: &mut Batch, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReaderError> {
+        if batch.items.is_empty() && batch.parked.is_empty() && batch.position.is_none() {
+            batch.events = 0;
+            return Ok(());
+        }
+        self.wait_for_room(batch.items.len() as u64, shutdown).await;
+        let batch = std::mem::take(batch);
+        let queued = batch.items.len() as u64;
+        // Durability is not awaited here: the position is written with the items, so
+        // whatever a crash loses is read again from the stream.
+        let _durable = self
+            .store
+            .commit_batch(Queue::Indicators, batch.items, batch.parked, batch.position.as_deref())?;
+        self.metrics.received(Queue::Indicators, queued);
+        Ok(())
+    }
+
+    async fn wait_for_room(&self, adding: u64, shutdown: &mut watch::Receiver<bool>) {
+        let limit = self.config.indicator_limit;
+        // An empty outbox always takes the batch, even one larger than the limit.
+        let full = |store: &Store| {
+            let queued = store.len(Queue::Indicators);
+            queued > 0 && queued + adding > limit
+        };
+        if adding == 0 || !full(&self.store) {
+            return;
+        }
+        tracing::warn!(limit, "indicator outbox full: pausing the stream until Threat Bus catches up");
+        self.status.set("stream", "paused: indicator outbox full");
+        while full(&self.store) && !*shutdown.borrow() {
+            tokio::time::sleep(FULL_OUTBOX_POLL).await;
+        }
+        tracing::info!(queued = self.store.len(Queue::Indicators), "indicator outbox has room again: resuming the stream");
+        self.status.set("stream", "connected");
+    }
+}
+
+/// Today as OpenCTI's ISO dates: `2024-03-01T10:00:00.000Z`.
+fn now_iso() -> String {
+    crate::stix::Timestamp::from_system_time(std::time::SystemTime::now())
+        .map(|t| t.to_rfc3339_millis())
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
+}
