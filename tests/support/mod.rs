@@ -1,0 +1,2 @@
+//! Test doubles shared by the integration tests.
+pub mod opencti;
