@@ -800,3 +800,129 @@ async fn reads_twenty_thousand_events_per_second() {
     assert_eq!(count, N);
     assert!(rate >= 20_000.0, "only {rate:.0} events/s");
 }
+
+fn keys(value: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = value
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+/// The double's indicator events have the keys of the real 6.9 sample, at every level.
+#[tokio::test]
+async fn the_doubles_events_have_the_samples_shape() {
+    let sample = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/opencti/stream-sample.txt"
+    ))
+    .unwrap();
+    let real = |kind: &str| -> Value {
+        sample
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str::<Value>(d).unwrap())
+            .find(|v| v["type"] == kind)
+            .unwrap()
+    };
+    let double = OpenCti::start();
+    let marking = tlp_marking("TLP:GREEN", double.now_ms() - 1000);
+    let author = organization("ACME CERT", double.now_ms() - 1000);
+    let indicator = Indicator::ipv4("198.51.100.7")
+        .with_detection(false)
+        .with_description("C2 server observed in phishing campaign")
+        .with_author(author["id"].as_str().unwrap())
+        .with_marking(marking["id"].as_str().unwrap());
+    double.append_dependency_then(&[marking, author], Then::Create(&indicator));
+    double.append_indicator_update(&indicator.clone().with_detection(true));
+    double.append_indicator_delete(&indicator);
+
+    let mut stream = client(&double, Some("live"))
+        .connect("0-0", None)
+        .await
+        .unwrap();
+    connected(&mut stream).await;
+    let mut ours = Vec::new();
+    for _ in 0..5 {
+        ours.push(json(&next_data_event(&mut stream).await));
+    }
+    let ext = |v: &Value| v["data"]["extensions"][support::opencti::OCTI_EXT].clone();
+    for (kind, mine) in [
+        ("create", &ours[2]),
+        ("update", &ours[3]),
+        ("delete", &ours[4]),
+    ] {
+        let real = real(kind);
+        assert_eq!(keys(mine), keys(&real), "{kind}: envelope");
+        assert_eq!(keys(&mine["data"]), keys(&real["data"]), "{kind}: STIX");
+        assert_eq!(keys(&ext(mine)), keys(&ext(&real)), "{kind}: extension");
+        assert_eq!(
+            keys(&mine["origin"]),
+            keys(&real["origin"]),
+            "{kind}: origin"
+        );
+    }
+    assert_eq!(keys(&ours[3]["context"]), keys(&real("update")["context"]));
+    assert_eq!(ours[3]["context"]["changes"][0]["field"], "Is detected");
+    assert_eq!(ours[3]["message"], "replaces `true` in `Is detected`");
+    // The dependencies: the sample's marking and author events.
+    let real_dependencies: Vec<Value> = sample
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter(|v| v["origin"]["referer"] == "dependencies")
+        .collect();
+    for (mine, real) in ours[..2].iter().zip(&real_dependencies) {
+        assert_eq!(keys(mine), keys(real));
+        assert_eq!(keys(&mine["data"]), keys(&real["data"]));
+        assert_eq!(keys(&ext(mine)), keys(&ext(real)));
+        assert_eq!(mine["message"], real["message"]);
+    }
+}
+
+#[tokio::test]
+async fn a_slow_stream_paces_its_events() {
+    let double = OpenCti::start();
+    double.set_event_delay(Duration::from_millis(100));
+    for i in 0..3 {
+        double.append_indicator_create(&Indicator::ipv4(&format!("192.0.2.6{i}")));
+    }
+    let mut stream = client(&double, None).connect("0-0", None).await.unwrap();
+    connected(&mut stream).await;
+    next_data_event(&mut stream).await;
+    let started = Instant::now();
+    next_data_event(&mut stream).await;
+    next_data_event(&mut stream).await;
+    assert!(started.elapsed() >= Duration::from_millis(150));
+}
+
+#[test]
+fn the_doubles_dates_are_javascripts() {
+    assert_eq!(iso_from_ms(1_709_287_215_712), "2024-03-01T10:00:15.712Z");
+    assert_eq!(iso_from_ms(0), "1970-01-01T00:00:00.000Z");
+    assert_eq!(iso_from_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    assert_eq!(
+        ms_from_iso("2024-03-01T10:00:15.712Z"),
+        Some(1_709_287_215_712)
+    );
+    assert_eq!(ms_from_iso("2024-03-01T10:00:00Z"), Some(1_709_287_200_000));
+    assert_eq!(
+        ms_from_iso("2024-03-01T11:00:00+01:00"),
+        Some(1_709_287_200_000)
+    );
+    assert_eq!(
+        ms_from_iso("2024-03-01T10:00:00.5"),
+        Some(1_709_287_200_500)
+    );
+    assert_eq!(ms_from_iso("2024-03-01"), Some(1_709_251_200_000));
+    for bad in [
+        "",
+        "yesterday",
+        "2024-13-01",
+        "2024-03-01T25:00:00Z",
+        "1709287200000-0",
+    ] {
+        assert_eq!(ms_from_iso(bad), None, "{bad:?}");
+    }
+}

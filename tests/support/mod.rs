@@ -1,2 +1,1 @@
-//! Test doubles shared by the integration tests.
 pub mod opencti;
