@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: the YAML file plus environment overrides, validated before anything starts.
 //! - [`store`]: the sled outbox: queues, dead letters, stream position, group commit.
+//! - [`opencti`]: the live-stream transport (SSE): one connection, its events, nothing more.
 //! - [`stix`]: pure mapping of stream events to indicators, and validation of sightings.
 //! - [`daemon`]: the `run` command: wires the store, the admin socket and the pipelines.
 //! - [`admin`]: the Unix socket through which the maintenance commands reach the daemon.
@@ -20,5 +21,6 @@ pub mod daemon;
 pub mod inspect;
 pub mod logging;
 pub mod maintenance;
+pub mod opencti;
 pub mod stix;
 pub mod store;
