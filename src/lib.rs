@@ -14,13 +14,15 @@
 //! - [`daemon`]: the `run` command: wires the store, the admin socket and the pipelines.
 //! - [`admin`]: the Unix socket through which the maintenance commands reach the daemon.
 //! - [`inspect`]: the `inspect-queue` report, and [`maintenance`]: the other commands.
-//! - [`logging`]: log level and format from the configuration.
+//! - [`logging`]: log level and format from the configuration; [`metrics`]: Prometheus counters.
 pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod inspect;
 pub mod logging;
 pub mod maintenance;
+pub mod metrics;
 pub mod opencti;
+pub mod pipeline;
 pub mod stix;
 pub mod store;

@@ -92,3 +92,53 @@ impl Metrics {
 fn pick_received(q: &QueueCounters) -> u64 {
     q.received.get()
 }
+
+/// A request head longer than this is refused: a scraper sends a few hundred bytes.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// Serves `GET /metrics` in Prometheus text format on `listener` until the task is dropped.
+/// Hand-rolled on purpose: one fixed endpoint does not warrant an HTTP server dependency.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    store: std::sync::Arc<Store>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let (metrics, store) = (std::sync::Arc::clone(&metrics), std::sync::Arc::clone(&store));
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, &metrics, &store).await {
+                tracing::debug!(error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics, store: &Store) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let request_line = String::from_utf8_lossy(&head);
+    let path = request_line.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if request_line.starts_with("GET ") && (path == "/metrics" || path == "/") {
+        ("200 OK", metrics.render(store))
+    } else {
+        ("404 Not Found", "only GET /metrics is served here\n".to_string())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}

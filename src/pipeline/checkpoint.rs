@@ -8,6 +8,8 @@
 
 use std::cmp::Ordering;
 
+use crate::opencti::stream::compare_event_ids as compare_ids;
+
 /// What kind of SSE event an id came with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventRole {
@@ -75,16 +77,6 @@ impl Checkpoint {
     }
 }
 
-/// Orders Redis stream ids `<ms>-<seq>` numerically. `None` if either is malformed.
-pub fn compare_ids(a: &str, b: &str) -> Option<Ordering> {
-    Some(parse_id(a)?.cmp(&parse_id(b)?))
-}
-
-pub fn parse_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,13 +126,5 @@ mod tests {
         c.observe(Some("2-0"), EventRole::Dependency);
         c.reset_connection();
         assert_eq!(c.observe(Some("3-0"), EventRole::Heartbeat), Some("3-0".into()));
-    }
-
-    #[test]
-    fn ids_compare_numerically() {
-        assert_eq!(compare_ids("0-0", "1-0"), Some(Ordering::Less));
-        assert_eq!(compare_ids("10-0", "9-5"), Some(Ordering::Greater));
-        assert_eq!(compare_ids("10-2", "10-10"), Some(Ordering::Less));
-        assert_eq!(compare_ids("x", "1-0"), None);
     }
 }

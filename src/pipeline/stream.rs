@@ -12,7 +12,8 @@ use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::checkpoint::{compare_ids, Checkpoint, EventRole};
+use super::checkpoint::{Checkpoint, EventRole};
+use crate::opencti::stream::compare_event_ids as compare_ids;
 use super::retry::Backoff;
 use crate::admin::Status;
 use crate::metrics::Metrics;
@@ -62,12 +63,19 @@ enum Outcome {
     /// The stream timed out (no heartbeat): reconnect.
     Silent,
     /// A gap was found on a live stream: reconnect at once in recover mode.
-    Recover { since: String },
+    Recover,
     /// Asked to stop.
     Shutdown,
 }
 
+/// Store meta key of the recover date in force. A replay (first start, or after a gap) sends
+/// `<updated_at>-0` ids that are database times, not stream ids: resuming from one without
+/// `recover` would read the raw stream from that time instead of finishing the replay. So,
+/// like pycti, every connection sends the recover date until the position has passed it.
+const META_RECOVER_UNTIL: &str = "stream_recover_until";
+
 pub struct StreamReader {
+    recover_until: Option<String>,
     client: StreamClient,
     store: Arc<Store>,
     config: ReaderConfig,
@@ -94,7 +102,9 @@ impl StreamReader {
         metrics: Arc<Metrics>,
     ) -> Result<Self, ReaderError> {
         let checkpoint = Checkpoint::new(store.position()?);
+        let recover_until = store.meta(META_RECOVER_UNTIL)?;
         Ok(StreamReader {
+            recover_until,
             client,
             store,
             config,
@@ -107,9 +117,8 @@ impl StreamReader {
     /// Reads until `shutdown` turns true. Only a store failure ends it early.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ReaderError> {
         let mut backoff = Backoff::new(self.config.retry.clone());
-        let mut recover_since: Option<String> = None;
         loop {
-            let resume = self.resume(recover_since.take());
+            let resume = self.resume()?;
             self.status.set("stream", format!("connecting from {}", resume.last_event_id));
             let connected = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
@@ -121,8 +130,8 @@ impl StreamReader {
                     let recovering = resume.recover.is_some();
                     match self.read(stream, recovering, &mut shutdown, &mut backoff).await? {
                         Outcome::Shutdown => return Ok(()),
-                        Outcome::Recover { since } => {
-                            recover_since = Some(since);
+                        Outcome::Recover => {
+                            self.start_recovery(now_iso())?;
                             continue;
                         }
                         Outcome::Silent => {
@@ -146,23 +155,43 @@ impl StreamReader {
         }
     }
 
-    fn resume(&self, recover_since: Option<String>) -> Resume {
-        match (self.checkpoint.position(), recover_since) {
-            (_, Some(since)) => Resume {
-                last_event_id: since,
-                recover: Some(now_iso()),
-            },
-            (Some(position), None) => Resume {
-                last_event_id: position.to_string(),
-                recover: None,
-            },
-            // First start, like pycti: from the configured id, replaying the current state
-            // up to the recover date (a live stream does; the raw stream ignores it).
-            (None, None) => Resume {
-                last_event_id: self.config.first_start_from.clone(),
-                recover: Some(self.config.first_start_recover.clone().unwrap_or_else(now_iso)),
-            },
+    fn resume(&mut self) -> Result<Resume, ReaderError> {
+        if self.checkpoint.position().is_none() && self.recover_until.is_none() {
+            // First start, like pycti: replay the current state up to the recover date
+            // (a live stream does; the raw stream ignores it), then go live.
+            let until = self.config.first_start_recover.clone().unwrap_or_else(now_iso);
+            self.start_recovery(until)?;
         }
+        let last_event_id = match self.checkpoint.position() {
+            Some(position) => position.to_string(),
+            None => first_start_id(&self.config.first_start_from),
+        };
+        Ok(Resume {
+            last_event_id,
+            recover: self.recover_until.clone(),
+        })
+    }
+
+    fn start_recovery(&mut self, until: String) -> Result<(), ReaderError> {
+        tracing::info!(until = %until, "replaying the current state up to this date (recover mode)");
+        drop(self.store.set_meta(META_RECOVER_UNTIL, &until)?);
+        self.recover_until = Some(until);
+        Ok(())
+    }
+
+    /// Once the position is past the recover date, the replay is over.
+    fn end_recovery_if_passed(&mut self, position: &str) -> Result<(), ReaderError> {
+        let Some(until) = &self.recover_until else { return Ok(()) };
+        let until_ms = crate::stix::Timestamp::parse(until).map(|t| t.unix_millis()).ok();
+        let position_ms = position.parse::<crate::opencti::stream::EventId>().ok().map(|id| id.millis as i64);
+        if let (Some(until_ms), Some(position_ms)) = (until_ms, position_ms) {
+            if position_ms > until_ms {
+                tracing::info!(position, "replay finished: following the live stream");
+                drop(self.store.remove_meta(META_RECOVER_UNTIL)?);
+                self.recover_until = None;
+            }
+        }
+        Ok(())
     }
 
     fn connect_failed(&self, error: &StreamError, backoff: &mut Backoff) -> Duration {
@@ -258,7 +287,7 @@ impl StreamReader {
                 "events between the stored position and the oldest retained one were trimmed while the bridge was down: \
                  reconnecting in recover mode to replay the current state (deletions inside the gap cannot be replayed)"
             );
-            Some(Outcome::Recover { since: position.to_string() })
+            Some(Outcome::Recover)
         } else {
             tracing::error!(
                 position,
@@ -330,12 +359,18 @@ impl StreamReader {
         self.wait_for_room(batch.items.len() as u64, shutdown).await;
         let batch = std::mem::take(batch);
         let queued = batch.items.len() as u64;
+        let position = batch.position.clone();
         // Durability is not awaited here: the position is written with the items, so
         // whatever a crash loses is read again from the stream.
         let _durable = self
             .store
             .commit_batch(Queue::Indicators, batch.items, batch.parked, batch.position.as_deref())?;
         self.metrics.received(Queue::Indicators, queued);
+        // After the position write: sled recovers a prefix of writes, so the recover date
+        // can never be gone while the position still points into the replay.
+        if let Some(position) = position {
+            self.end_recovery_if_passed(&position)?;
+        }
         Ok(())
     }
 
@@ -359,7 +394,16 @@ impl StreamReader {
     }
 }
 
-/// Today as OpenCTI's ISO dates: `2024-03-01T10:00:00.000Z`.
+/// pycti appends `-0` to a configured start timestamp (milliseconds).
+fn first_start_id(configured: &str) -> String {
+    if configured.contains('-') {
+        configured.to_string()
+    } else {
+        format!("{configured}-0")
+    }
+}
+
+/// Now as OpenCTI's ISO dates: `2024-03-01T10:00:00.000Z`.
 fn now_iso() -> String {
     crate::stix::Timestamp::from_system_time(std::time::SystemTime::now())
         .map(|t| t.to_rfc3339_millis())

@@ -18,7 +18,7 @@ use crate::config::ConfirmDelivery;
 use crate::metrics::Metrics;
 use crate::stix::{indicator_echo_key, EchoKey};
 use crate::store::{Item, Queue, Store, StoreError};
-use crate::threatbus::{LinkHandle, LinkState};
+use crate::threatbus::{LinkState, Publisher};
 
 /// Topic the bridge publishes indicators on.
 const INDICATOR_TOPIC: &str = "stix2/indicator";
@@ -45,7 +45,8 @@ struct InFlight {
 
 pub struct ToBus {
     store: Arc<Store>,
-    link: Arc<LinkHandle>,
+    link: Publisher,
+    link_state: watch::Receiver<LinkState>,
     echoes: mpsc::UnboundedReceiver<EchoKey>,
     config: ToBusConfig,
     status: Arc<Status>,
@@ -60,7 +61,8 @@ pub struct ToBus {
 impl ToBus {
     pub fn new(
         store: Arc<Store>,
-        link: Arc<LinkHandle>,
+        link: Publisher,
+        link_state: watch::Receiver<LinkState>,
         echoes: mpsc::UnboundedReceiver<EchoKey>,
         config: ToBusConfig,
         status: Arc<Status>,
@@ -69,6 +71,7 @@ impl ToBus {
         ToBus {
             store,
             link,
+            link_state,
             echoes,
             config,
             status,
@@ -80,7 +83,7 @@ impl ToBus {
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), StoreError> {
-        let mut state = self.link.state();
+        let mut state = self.link_state.clone();
         let mut was_ready = false;
         loop {
             let generation = match &*state.borrow_and_update() {
