@@ -57,29 +57,76 @@ impl Metrics {
     pub fn render(&self, store: &Store) -> String {
         let mut out = String::new();
         for (name, help, pick) in [
-            ("received", "Items written to the outbox.", pick_received as fn(&QueueCounters) -> u64),
-            ("delivered", "Items confirmed delivered and removed from the outbox.", |q| q.delivered.get()),
-            ("retried", "Failed delivery attempts that will be retried.", |q| q.retried.get()),
+            (
+                "received",
+                "Items written to the outbox.",
+                pick_received as fn(&QueueCounters) -> u64,
+            ),
+            (
+                "delivered",
+                "Items confirmed delivered and removed from the outbox.",
+                |q| q.delivered.get(),
+            ),
+            (
+                "retried",
+                "Failed delivery attempts that will be retried.",
+                |q| q.retried.get(),
+            ),
             ("dead", "Items moved to the dead letters.", |q| q.dead.get()),
-            ("dropped", "Items dropped because the outbox was full.", |q| q.dropped.get()),
+            (
+                "dropped",
+                "Items dropped because the outbox was full.",
+                |q| q.dropped.get(),
+            ),
         ] {
             let _ = writeln!(out, "# HELP opencti_threatbus_{name}_total {help}");
             let _ = writeln!(out, "# TYPE opencti_threatbus_{name}_total counter");
             for queue in Queue::ALL {
-                let _ = writeln!(out, "opencti_threatbus_{name}_total{{queue=\"{queue}\"}} {}", pick(self.queue(queue)));
+                let _ = writeln!(
+                    out,
+                    "opencti_threatbus_{name}_total{{queue=\"{queue}\"}} {}",
+                    pick(self.queue(queue))
+                );
             }
         }
-        let _ = writeln!(out, "# HELP opencti_threatbus_queue_depth Items waiting in the outbox.");
+        let _ = writeln!(
+            out,
+            "# HELP opencti_threatbus_queue_depth Items waiting in the outbox."
+        );
         let _ = writeln!(out, "# TYPE opencti_threatbus_queue_depth gauge");
         for queue in Queue::ALL {
-            let _ = writeln!(out, "opencti_threatbus_queue_depth{{queue=\"{queue}\"}} {}", store.len(queue));
+            let _ = writeln!(
+                out,
+                "opencti_threatbus_queue_depth{{queue=\"{queue}\"}} {}",
+                store.len(queue)
+            );
         }
-        let _ = writeln!(out, "opencti_threatbus_queue_depth{{queue=\"dead\"}} {}", store.dead_len());
+        let _ = writeln!(
+            out,
+            "opencti_threatbus_queue_depth{{queue=\"dead\"}} {}",
+            store.dead_len()
+        );
         for (name, help, value) in [
-            ("stream_events_total", "SSE events read from OpenCTI.", self.stream_events.get()),
-            ("stream_reconnects_total", "Reconnections to the OpenCTI stream.", self.stream_reconnects.get()),
-            ("stream_gaps_total", "Times the stored position was older than the oldest retained event.", self.stream_gaps.get()),
-            ("threatbus_resubscriptions_total", "Subscriptions to Threat Bus after the first.", self.bus_resubscriptions.get()),
+            (
+                "stream_events_total",
+                "SSE events read from OpenCTI.",
+                self.stream_events.get(),
+            ),
+            (
+                "stream_reconnects_total",
+                "Reconnections to the OpenCTI stream.",
+                self.stream_reconnects.get(),
+            ),
+            (
+                "stream_gaps_total",
+                "Times the stored position was older than the oldest retained event.",
+                self.stream_gaps.get(),
+            ),
+            (
+                "threatbus_resubscriptions_total",
+                "Subscriptions to Threat Bus after the first.",
+                self.bus_resubscriptions.get(),
+            ),
         ] {
             let _ = writeln!(out, "# HELP opencti_threatbus_{name} {help}");
             let _ = writeln!(out, "# TYPE opencti_threatbus_{name} counter");
@@ -108,7 +155,10 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let (metrics, store) = (std::sync::Arc::clone(&metrics), std::sync::Arc::clone(&store));
+        let (metrics, store) = (
+            std::sync::Arc::clone(&metrics),
+            std::sync::Arc::clone(&store),
+        );
         tokio::spawn(async move {
             if let Err(e) = answer(stream, &metrics, &store).await {
                 tracing::debug!(error = %e, "metrics request failed");
@@ -117,7 +167,11 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics, store: &Store) -> std::io::Result<()> {
+async fn answer(
+    mut stream: tokio::net::TcpStream,
+    metrics: &Metrics,
+    store: &Store,
+) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
@@ -130,10 +184,14 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics, store: &St
     }
     let request_line = String::from_utf8_lossy(&head);
     let path = request_line.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = if request_line.starts_with("GET ") && (path == "/metrics" || path == "/") {
+    let (status, body) = if request_line.starts_with("GET ") && (path == "/metrics" || path == "/")
+    {
         ("200 OK", metrics.render(store))
     } else {
-        ("404 Not Found", "only GET /metrics is served here\n".to_string())
+        (
+            "404 Not Found",
+            "only GET /metrics is served here\n".to_string(),
+        )
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -87,7 +87,10 @@ mod tests {
         assert_eq!(c.observe(Some("200-0"), EventRole::Dependency), None);
         assert_eq!(c.observe(Some("200-0"), EventRole::Dependency), None);
         assert_eq!(c.position(), Some("100-0"));
-        assert_eq!(c.observe(Some("200-0"), EventRole::Complete), Some("200-0".into()));
+        assert_eq!(
+            c.observe(Some("200-0"), EventRole::Complete),
+            Some("200-0".into())
+        );
     }
 
     #[test]
@@ -98,26 +101,41 @@ mod tests {
         assert_eq!(c.observe(Some("250-0"), EventRole::Heartbeat), None);
         assert_eq!(c.position(), Some("100-0"));
         c.observe(Some("200-0"), EventRole::Complete);
-        assert_eq!(c.observe(Some("250-0"), EventRole::Heartbeat), Some("250-0".into()));
+        assert_eq!(
+            c.observe(Some("250-0"), EventRole::Heartbeat),
+            Some("250-0".into())
+        );
     }
 
     #[test]
     fn heartbeats_advance_when_nothing_is_pending() {
         let mut c = Checkpoint::new(None);
-        assert_eq!(c.observe(Some("5-0"), EventRole::Heartbeat), Some("5-0".into()));
+        assert_eq!(
+            c.observe(Some("5-0"), EventRole::Heartbeat),
+            Some("5-0".into())
+        );
         assert_eq!(c.observe(None, EventRole::Heartbeat), None);
     }
 
     #[test]
     fn the_position_never_moves_backwards() {
         let mut c = Checkpoint::new(Some("1709287215731-1".into()));
-        assert_eq!(c.observe(Some("1709287215731-0"), EventRole::Complete), None);
+        assert_eq!(
+            c.observe(Some("1709287215731-0"), EventRole::Complete),
+            None
+        );
         assert_eq!(c.observe(Some("999-0"), EventRole::Heartbeat), None);
         assert_eq!(c.observe(Some("garbage"), EventRole::Complete), None);
-        assert_eq!(c.observe(Some("1709287215731-2"), EventRole::Complete), Some("1709287215731-2".into()));
+        assert_eq!(
+            c.observe(Some("1709287215731-2"), EventRole::Complete),
+            Some("1709287215731-2".into())
+        );
         // numeric, not lexicographic
         let mut c = Checkpoint::new(Some("99-0".into()));
-        assert_eq!(c.observe(Some("100-0"), EventRole::Complete), Some("100-0".into()));
+        assert_eq!(
+            c.observe(Some("100-0"), EventRole::Complete),
+            Some("100-0".into())
+        );
     }
 
     #[test]
@@ -125,6 +143,9 @@ mod tests {
         let mut c = Checkpoint::new(Some("1-0".into()));
         c.observe(Some("2-0"), EventRole::Dependency);
         c.reset_connection();
-        assert_eq!(c.observe(Some("3-0"), EventRole::Heartbeat), Some("3-0".into()));
+        assert_eq!(
+            c.observe(Some("3-0"), EventRole::Heartbeat),
+            Some("3-0".into())
+        );
     }
 }

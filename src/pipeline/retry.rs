@@ -30,7 +30,9 @@ impl RetryPolicy {
     /// The delay before attempt `attempts + 1` of an item that failed `attempts` times,
     /// without jitter: for per-item schedules stored in the outbox.
     pub fn delay_after(&self, attempts: u32) -> Duration {
-        let factor = self.multiplier.powi(attempts.saturating_sub(1).min(64) as i32);
+        let factor = self
+            .multiplier
+            .powi(attempts.saturating_sub(1).min(64) as i32);
         let ms = (self.initial.as_millis() as f64 * factor).min(self.max.as_millis() as f64);
         Duration::from_millis(ms as u64)
     }

@@ -13,10 +13,10 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::checkpoint::{Checkpoint, EventRole};
-use crate::opencti::stream::compare_event_ids as compare_ids;
 use super::retry::Backoff;
 use crate::admin::Status;
 use crate::metrics::Metrics;
+use crate::opencti::stream::compare_event_ids as compare_ids;
 use crate::opencti::stream::{parse_connected, EventStream, SseEvent, StreamClient, StreamError};
 use crate::stix::{self, StreamAction};
 use crate::store::{Queue, Store, StoreError};
@@ -27,7 +27,7 @@ const MAX_BATCH_EVENTS: usize = 512;
 /// How long to wait between checks of a full indicator outbox.
 const FULL_OUTBOX_POLL: Duration = Duration::from_millis(100);
 /// 401/403/410 will not fix themselves in a second: retry slowly, never in a tight loop.
-const AUTH_RETRY: Duration = Duration::from_secs(60);
+pub const DEFAULT_AUTH_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
@@ -41,6 +41,8 @@ pub struct ReaderConfig {
     /// First start only: the recover date (pycti: live_stream_recover_iso_date, default now).
     pub first_start_recover: Option<String>,
     pub retry: super::retry::RetryPolicy,
+    /// Delay after 401/403/410 ([`DEFAULT_AUTH_RETRY`]).
+    pub auth_retry: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +121,10 @@ impl StreamReader {
         let mut backoff = Backoff::new(self.config.retry.clone());
         loop {
             let resume = self.resume()?;
-            self.status.set("stream", format!("connecting from {}", resume.last_event_id));
+            self.status.set(
+                "stream",
+                format!("connecting from {}", resume.last_event_id),
+            );
             let connected = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
                 c = self.client.connect(&resume.last_event_id, resume.recover.as_deref()) => c,
@@ -128,14 +133,20 @@ impl StreamReader {
                 Ok(stream) => {
                     self.checkpoint.reset_connection();
                     let recovering = resume.recover.is_some();
-                    match self.read(stream, recovering, &mut shutdown, &mut backoff).await? {
+                    match self
+                        .read(stream, recovering, &mut shutdown, &mut backoff)
+                        .await?
+                    {
                         Outcome::Shutdown => return Ok(()),
                         Outcome::Recover => {
                             self.start_recovery(now_iso())?;
                             continue;
                         }
                         Outcome::Silent => {
-                            tracing::warn!(timeout_s = self.config.stream_timeout.as_secs(), "no heartbeat from OpenCTI: reconnecting");
+                            tracing::warn!(
+                                timeout_s = self.config.stream_timeout.as_secs(),
+                                "no heartbeat from OpenCTI: reconnecting"
+                            );
                             backoff.next_delay()
                         }
                         Outcome::Failed(reason) => {
@@ -147,7 +158,10 @@ impl StreamReader {
                 Err(e) => self.connect_failed(&e, &mut backoff),
             };
             self.metrics.stream_reconnects.inc();
-            self.status.set("stream", format!("reconnecting in {:.1}s", delay.as_secs_f64()));
+            self.status.set(
+                "stream",
+                format!("reconnecting in {:.1}s", delay.as_secs_f64()),
+            );
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
@@ -159,7 +173,11 @@ impl StreamReader {
         if self.checkpoint.position().is_none() && self.recover_until.is_none() {
             // First start, like pycti: replay the current state up to the recover date
             // (a live stream does; the raw stream ignores it), then go live.
-            let until = self.config.first_start_recover.clone().unwrap_or_else(now_iso);
+            let until = self
+                .config
+                .first_start_recover
+                .clone()
+                .unwrap_or_else(now_iso);
             self.start_recovery(until)?;
         }
         let last_event_id = match self.checkpoint.position() {
@@ -181,9 +199,16 @@ impl StreamReader {
 
     /// Once the position is past the recover date, the replay is over.
     fn end_recovery_if_passed(&mut self, position: &str) -> Result<(), ReaderError> {
-        let Some(until) = &self.recover_until else { return Ok(()) };
-        let until_ms = crate::stix::Timestamp::parse(until).map(|t| t.unix_millis()).ok();
-        let position_ms = position.parse::<crate::opencti::stream::EventId>().ok().map(|id| id.millis as i64);
+        let Some(until) = &self.recover_until else {
+            return Ok(());
+        };
+        let until_ms = crate::stix::Timestamp::parse(until)
+            .map(|t| t.unix_millis())
+            .ok();
+        let position_ms = position
+            .parse::<crate::opencti::stream::EventId>()
+            .ok()
+            .map(|id| id.millis as i64);
         if let (Some(until_ms), Some(position_ms)) = (until_ms, position_ms) {
             if position_ms > until_ms {
                 tracing::info!(position, "replay finished: following the live stream");
@@ -197,12 +222,12 @@ impl StreamReader {
     fn connect_failed(&self, error: &StreamError, backoff: &mut Backoff) -> Duration {
         match error {
             StreamError::Unauthorized { .. } => {
-                tracing::error!(error = %error, retry_s = AUTH_RETRY.as_secs(), "OpenCTI refused the token: check OPENCTI_TOKEN and the connector user's rights");
-                AUTH_RETRY
+                tracing::error!(error = %error, retry_s = self.config.auth_retry.as_secs(), "OpenCTI refused the token: check OPENCTI_TOKEN and the connector user's rights");
+                self.config.auth_retry
             }
             StreamError::Gone => {
-                tracing::error!(error = %error, retry_s = AUTH_RETRY.as_secs(), "the live stream is stopped or deleted in OpenCTI: start it again (Data > Data sharing > Live streams)");
-                AUTH_RETRY
+                tracing::error!(error = %error, retry_s = self.config.auth_retry.as_secs(), "the live stream is stopped or deleted in OpenCTI: start it again (Data > Data sharing > Live streams)");
+                self.config.auth_retry
             }
             other => {
                 let delay = backoff.next_delay();
@@ -225,7 +250,8 @@ impl StreamReader {
             let next = match stream.next().now_or_never() {
                 Some(next) => next,
                 None => {
-                    self.commit(&mut batch, shutdown).await?;
+                    self.commit(&mut batch)?;
+                    self.wait_for_room(shutdown).await;
                     tokio::select! {
                         _ = shutdown.wait_for(|s| *s) => return Ok(Outcome::Shutdown),
                         next = tokio::time::timeout(self.config.stream_timeout, stream.next()) => match next {
@@ -238,25 +264,26 @@ impl StreamReader {
             let event = match next {
                 Some(Ok(event)) => event,
                 Some(Err(e)) => {
-                    self.commit(&mut batch, shutdown).await?;
+                    self.commit(&mut batch)?;
                     return Ok(Outcome::Failed(e.to_string()));
                 }
                 None => {
-                    self.commit(&mut batch, shutdown).await?;
+                    self.commit(&mut batch)?;
                     return Ok(Outcome::Failed("the server ended the stream".into()));
                 }
             };
             if event.event == "connected" {
                 backoff.reset();
                 if let Some(outcome) = self.on_connected(&event, recovering) {
-                    self.commit(&mut batch, shutdown).await?;
+                    self.commit(&mut batch)?;
                     return Ok(outcome);
                 }
                 continue;
             }
             self.on_event(event, &mut batch);
             if batch.events >= MAX_BATCH_EVENTS {
-                self.commit(&mut batch, shutdown).await?;
+                self.commit(&mut batch)?;
+                self.wait_for_room(shutdown).await;
             }
         }
     }
@@ -273,10 +300,16 @@ impl StreamReader {
         };
         self.status.set("stream", "connected");
         tracing::info!(position = ?self.checkpoint.position(), first = ?connected.first_event_id, last = ?connected.last_event_id, "stream connected");
-        let (Some(position), Some(first)) = (self.checkpoint.position(), connected.first_event_id.as_deref()) else {
+        let (Some(position), Some(first)) = (
+            self.checkpoint.position(),
+            connected.first_event_id.as_deref(),
+        ) else {
             return None;
         };
-        if recovering || compare_ids(position, first) != Some(std::cmp::Ordering::Less) || position == "0-0" {
+        if recovering
+            || compare_ids(position, first) != Some(std::cmp::Ordering::Less)
+            || position == "0-0"
+        {
             return None;
         }
         self.metrics.stream_gaps.inc();
@@ -315,7 +348,11 @@ impl StreamReader {
         let parsed: Value = match serde_json::from_str(&event.data) {
             Ok(value) => value,
             Err(e) => {
-                let reason = format!("{} event {}: data is not valid JSON: {e}", event.event, event.id.as_deref().unwrap_or("without id"));
+                let reason = format!(
+                    "{} event {}: data is not valid JSON: {e}",
+                    event.event,
+                    event.id.as_deref().unwrap_or("without id")
+                );
                 self.park(event, reason, batch);
                 return EventRole::Complete;
             }
@@ -326,10 +363,14 @@ impl StreamReader {
             EventRole::Complete
         };
         match stix::map_stream_value(&event.event, parsed, self.config.forward_all_iocs) {
-            StreamAction::Skip { reason } => tracing::trace!(?reason, id = ?event.id, "event skipped"),
+            StreamAction::Skip { reason } => {
+                tracing::trace!(?reason, id = ?event.id, "event skipped")
+            }
             StreamAction::Publish(objects) => {
                 for object in objects {
-                    batch.items.push(serde_json::to_vec(&object).unwrap_or_default());
+                    batch
+                        .items
+                        .push(serde_json::to_vec(&object).unwrap_or_default());
                 }
             }
             StreamAction::NeedsFullIndicator { stix_id, .. } => {
@@ -349,22 +390,23 @@ impl StreamReader {
         batch.parked.push((event.data.clone().into_bytes(), reason));
     }
 
-    /// Writes the batch and its position in one atomic step, first waiting while the
-    /// indicator outbox is full (SPEC §2.9: the stream can be replayed, so pause, not drop).
-    async fn commit(&mut self, batch: &mut Batch, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReaderError> {
+    /// Writes the batch and its position in one atomic step.
+    fn commit(&mut self, batch: &mut Batch) -> Result<(), ReaderError> {
         if batch.items.is_empty() && batch.parked.is_empty() && batch.position.is_none() {
             batch.events = 0;
             return Ok(());
         }
-        self.wait_for_room(batch.items.len() as u64, shutdown).await;
         let batch = std::mem::take(batch);
         let queued = batch.items.len() as u64;
         let position = batch.position.clone();
         // Durability is not awaited here: the position is written with the items, so
         // whatever a crash loses is read again from the stream.
-        let _durable = self
-            .store
-            .commit_batch(Queue::Indicators, batch.items, batch.parked, batch.position.as_deref())?;
+        let _durable = self.store.commit_batch(
+            Queue::Indicators,
+            batch.items,
+            batch.parked,
+            batch.position.as_deref(),
+        )?;
         self.metrics.received(Queue::Indicators, queued);
         // After the position write: sled recovers a prefix of writes, so the recover date
         // can never be gone while the position still points into the replay.
@@ -374,22 +416,26 @@ impl StreamReader {
         Ok(())
     }
 
-    async fn wait_for_room(&self, adding: u64, shutdown: &mut watch::Receiver<bool>) {
+    /// SPEC §2.9: the stream can be replayed, so a full outbox pauses reading rather than
+    /// dropping anything. Checked between bursts, so the outbox may exceed the limit by at
+    /// most one burst (`MAX_BATCH_EVENTS` events).
+    async fn wait_for_room(&self, shutdown: &mut watch::Receiver<bool>) {
         let limit = self.config.indicator_limit;
-        // An empty outbox always takes the batch, even one larger than the limit.
-        let full = |store: &Store| {
-            let queued = store.len(Queue::Indicators);
-            queued > 0 && queued + adding > limit
-        };
-        if adding == 0 || !full(&self.store) {
+        if self.store.len(Queue::Indicators) < limit {
             return;
         }
-        tracing::warn!(limit, "indicator outbox full: pausing the stream until Threat Bus catches up");
+        tracing::warn!(
+            limit,
+            "indicator outbox full: pausing the stream until Threat Bus catches up"
+        );
         self.status.set("stream", "paused: indicator outbox full");
-        while full(&self.store) && !*shutdown.borrow() {
+        while self.store.len(Queue::Indicators) >= limit && !*shutdown.borrow() {
             tokio::time::sleep(FULL_OUTBOX_POLL).await;
         }
-        tracing::info!(queued = self.store.len(Queue::Indicators), "indicator outbox has room again: resuming the stream");
+        tracing::info!(
+            queued = self.store.len(Queue::Indicators),
+            "indicator outbox has room again: resuming the stream"
+        );
         self.status.set("stream", "connected");
     }
 }

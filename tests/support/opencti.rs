@@ -297,6 +297,8 @@ pub struct RecordedRequest {
     pub query: Option<String>,
     /// Header names in lower case, values as received (lossy UTF-8).
     pub headers: Vec<(String, String)>,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 impl RecordedRequest {
@@ -1313,6 +1315,7 @@ async fn serve(
     headers: HeaderMap,
 ) -> Response {
     let recorded = RecordedRequest {
+        at: std::time::Instant::now(),
         path: match &live_id {
             Some(id) => format!("/stream/{id}"),
             None => "/stream".to_owned(),
