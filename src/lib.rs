@@ -20,5 +20,6 @@ pub mod daemon;
 pub mod inspect;
 pub mod logging;
 pub mod maintenance;
+pub mod opencti;
 pub mod stix;
 pub mod store;
