@@ -171,8 +171,8 @@ impl ConnectorRegistration {
     }
 }
 
-/// `registerConnector` variables: pycti 6.0.5's `RegisterConnectorInput` minus nothing (all
-/// of its fields exist in 5.12.33, 6.0.5 and 6.9.28); the 6.9 additions (`auto_update`,
+/// `registerConnector` variables: exactly what pycti 6.0.5 sends (all of its fields exist
+/// in 5.12.33, 6.0.5 and 6.9.28); the 6.9 additions (`auto_update`,
 /// `enrichment_resolution`, `listen_callback_uri`) are left out.
 pub fn register_connector_variables(registration: &ConnectorRegistration) -> Value {
     json!({
