@@ -1,8 +1,10 @@
-//! OpenCTI, the stream side: the live-stream transport (SSE over HTTP).
+//! OpenCTI: the live-stream transport (SSE over HTTP) and the GraphQL API client.
 //!
 //! [`stream`] opens one connection at a time and yields its events; what to do with them
 //! (the stream position, dependency events, reconnecting with backoff, gap detection) is
-//! the pipeline's job.
+//! the pipeline's job. [`graphql`] sends the few documents the bridge needs and classifies
+//! every failure as retryable, permanent or an authentication problem.
+pub mod graphql;
 pub mod stream;
 
 pub use stream::{

@@ -1,1 +1,2 @@
 pub mod opencti;
+pub mod opencti_graphql;

@@ -1,0 +1,188 @@
+//! Every GraphQL document the client can send, with variables built by the client's own
+//! functions, validates against the OpenCTI 5.12.33, 6.0.5 and 6.9.28 schemas
+//! (`opencti/schema/<version>/relay.schema.graphql` in the shared reference folder, found
+//! through `OPENCTI_SHARED_DIR` or `../shared/opencti`). A missing schema is a failure,
+//! never a skip.
+
+use std::path::PathBuf;
+
+use apollo_compiler::request::coerce_variable_values;
+use apollo_compiler::response::JsonMap;
+use apollo_compiler::validation::Valid;
+use apollo_compiler::{ExecutableDocument, Schema};
+use serde_json::Value;
+
+use opencti_threatbus::opencti::graphql::{
+    all_documents, indicator_variables, organization_add_variables, organization_by_name_variables,
+    ping_connector_variables, register_connector_variables, sighting_add_variables,
+    ConnectorRegistration, SightingInput,
+};
+use opencti_threatbus::stix::{sighting_from_value, Timestamp};
+
+const VERSIONS: [&str; 3] = ["5.12.33", "6.0.5", "6.9.28"];
+
+fn shared_opencti_dir() -> PathBuf {
+    match std::env::var_os("OPENCTI_SHARED_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/opencti"),
+    }
+}
+
+fn load_schema(version: &str) -> Valid<Schema> {
+    let path = shared_opencti_dir()
+        .join("schema")
+        .join(version)
+        .join("relay.schema.graphql");
+    let sdl = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read the OpenCTI {version} schema at {}: {e}\n\
+             Set OPENCTI_SHARED_DIR to the shared `opencti` reference folder \
+             (the one holding schema/<version>/relay.schema.graphql).",
+            path.display()
+        )
+    });
+    Schema::parse_and_validate(sdl, &path).unwrap_or_else(|e| {
+        panic!(
+            "the OpenCTI {version} schema does not validate:\n{}",
+            e.errors
+        )
+    })
+}
+
+/// Realistic variables for each document, built by the functions the client uses.
+fn example_variables(operation: &str) -> Option<Value> {
+    let registration = ConnectorRegistration {
+        id: "a0c3d1e2-1111-4222-8333-944455556666".to_owned(),
+        name: "Threat Bus".to_owned(),
+    };
+    let indicator = "indicator--c7d3e1b2-6a6c-5a4e-9b8f-0d7e4c3a2b1f";
+    Some(match operation {
+        "RegisterConnector" => register_connector_variables(&registration),
+        "PingConnector" => ping_connector_variables(
+            &registration.id,
+            Some(
+                r#"{"start_from": "1709287215731-0", "recover_until": "2024-03-01T10:00:00.000Z"}"#,
+            ),
+        ),
+        "StixDomainObjects" => organization_by_name_variables("Threat Bus"),
+        "OrganizationAdd" => organization_add_variables("Threat Bus", "Threat Bus bridge"),
+        "StixSightingRelationshipAdd" => {
+            let sighting = sighting_from_value(&serde_json::json!({
+                "type": "sighting",
+                "spec_version": "2.1",
+                "id": "sighting--65184b15-a91d-4ee2-b023-efd239ddb72b",
+                "created": "2024-01-02T03:05:00Z",
+                "modified": "2024-01-02T03:05:00Z",
+                "first_seen": "2024-01-02T03:04:00Z",
+                "last_seen": "2024-01-02T03:05:00Z",
+                "count": 4,
+                "sighting_of_ref": indicator,
+                "x_threatbus_source": "VAST"
+            }))
+            .unwrap_or_else(|e| panic!("{e}"));
+            let received =
+                Timestamp::parse("2024-01-02T03:05:01Z").unwrap_or_else(|e| panic!("{e}"));
+            let input = SightingInput::from_sighting(
+                &sighting,
+                "7b0e4a3c-2f5d-4e61-8a9b-0c1d2e3f4a5b",
+                50,
+                received,
+            );
+            sighting_add_variables(&input)
+        }
+        "Indicator" => indicator_variables(indicator),
+        _ => return None,
+    })
+}
+
+/// The problems of one document with its variables against one schema, as text.
+fn check(schema: &Valid<Schema>, name: &str, document: &str, variables: &Value) -> Vec<String> {
+    let doc =
+        match ExecutableDocument::parse_and_validate(schema, document, format!("{name}.graphql")) {
+            Ok(doc) => doc,
+            Err(e) => return vec![format!("document: {}", e.errors)],
+        };
+    let operation = match doc.operations.get(Some(name)) {
+        Ok(op) => op,
+        Err(_) => return vec![format!("the document has no operation named {name}")],
+    };
+    let map: JsonMap = match serde_json::from_value(variables.clone()) {
+        Ok(map) => map,
+        Err(e) => return vec![format!("variables are not a JSON object: {e}")],
+    };
+    match coerce_variable_values(schema, operation, &map) {
+        Ok(_) => Vec::new(),
+        Err(e) => vec![format!("variables {variables}: {}", e.message())],
+    }
+}
+
+#[test]
+fn every_document_and_its_variables_validate_against_all_schemas() {
+    let documents = all_documents();
+    assert!(!documents.is_empty());
+    let mut failures = Vec::new();
+    for version in VERSIONS {
+        let schema = load_schema(version);
+        for (name, document) in &documents {
+            let Some(variables) = example_variables(name) else {
+                failures.push(format!("{name}: no example variables in this test"));
+                continue;
+            };
+            for problem in check(&schema, name, document, &variables) {
+                failures.push(format!("OpenCTI {version}, {name}: {problem}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The check itself catches what it must: an unknown field, a wrong variable, a missing
+/// required input field (so a passing run above means something).
+#[test]
+fn the_check_rejects_invalid_documents_and_variables() {
+    let schema = load_schema("6.0.5");
+    let documents = all_documents();
+    let (name, sighting_add) = documents
+        .iter()
+        .find(|(name, _)| *name == "StixSightingRelationshipAdd")
+        .copied()
+        .unwrap_or_else(|| panic!("no StixSightingRelationshipAdd document"));
+    let good = example_variables(name).unwrap_or_else(|| panic!("no variables"));
+    assert!(check(&schema, name, sighting_add, &good).is_empty());
+
+    let bogus_field = sighting_add.replace("parent_types", "parent_types\n    bogus_field");
+    let problems = check(&schema, name, &bogus_field, &good);
+    assert!(
+        problems.iter().any(|p| p.contains("bogus_field")),
+        "{problems:?}"
+    );
+
+    let mut missing_count = good.clone();
+    if let Some(input) = missing_count["input"].as_object_mut() {
+        input.remove("attribute_count");
+    }
+    let problems = check(&schema, name, sighting_add, &missing_count);
+    assert!(
+        problems.iter().any(|p| p.contains("attribute_count")),
+        "{problems:?}"
+    );
+
+    let mut to_ids = good.clone();
+    to_ids["input"]["toIds"] = serde_json::json!(["x"]);
+    let problems = check(&schema, name, sighting_add, &to_ids);
+    assert!(problems.iter().any(|p| p.contains("toIds")), "{problems:?}");
+
+    // A 6.9-only input field is refused by 6.0.5.
+    let mut newer = good;
+    newer["input"]["x_opencti_modified_at"] = serde_json::json!("2024-01-02T03:05:00Z");
+    let problems = check(&schema, name, sighting_add, &newer);
+    assert!(
+        problems.iter().any(|p| p.contains("x_opencti_modified_at")),
+        "{problems:?}"
+    );
+}
