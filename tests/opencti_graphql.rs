@@ -1,7 +1,6 @@
 //! The OpenCTI GraphQL client against the GraphQL test double (which validates every
 //! request against a real OpenCTI schema and answers with OpenCTI's error shapes).
 
-#[allow(dead_code)]
 mod support;
 
 use std::time::Duration;

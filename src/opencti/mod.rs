@@ -3,8 +3,10 @@
 //! [`stream`] opens one connection at a time and yields its events; what to do with them
 //! (the stream position, dependency events, reconnecting with backoff, gap detection) is
 //! the pipeline's job. [`graphql`] sends the few documents the bridge needs and classifies
-//! every failure as retryable, permanent or an authentication problem.
+//! every failure as retryable, permanent or an authentication problem; [`registration`]
+//! keeps the connector listed in OpenCTI.
 pub mod graphql;
+pub mod registration;
 pub mod stream;
 
 pub use stream::{

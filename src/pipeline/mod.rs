@@ -1,6 +1,7 @@
 //! The tasks that move data, each between one source and one sink:
 //!
 //! - [`stream`]: OpenCTI stream → indicator outbox (with the resume position).
+//! - [`to_opencti`]: sighting outbox → OpenCTI sighting relationships.
 //! - [`to_bus`]: indicator outbox → Threat Bus, confirmed by echo.
 //! - [`intake`]: Threat Bus subscription → sighting outbox (and echoes → `to_bus`).
 //!
@@ -8,3 +9,4 @@
 pub mod checkpoint;
 pub mod retry;
 pub mod stream;
+pub mod to_opencti;

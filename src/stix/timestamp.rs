@@ -42,6 +42,24 @@ pub enum TimestampError {
 }
 
 impl Timestamp {
+    /// 1970-01-01T00:00:00Z.
+    pub const EPOCH: Timestamp = Timestamp { secs: 0, nanos: 0 };
+
+    /// From milliseconds since the epoch (as the store records times), clamped to the
+    /// year 9999.
+    pub fn from_unix_millis(ms: u64) -> Timestamp {
+        let secs = i64::try_from(ms / 1000).unwrap_or(MAX_SECS).min(MAX_SECS);
+        Timestamp {
+            secs,
+            nanos: (ms % 1000) as u32 * 1_000_000,
+        }
+    }
+
+    /// The system clock now (the epoch if the clock is set outside 0000–9999).
+    pub fn now() -> Timestamp {
+        Timestamp::from_system_time(SystemTime::now()).unwrap_or(Timestamp::EPOCH)
+    }
+
     /// Parses an RFC 3339 timestamp and converts it to UTC.
     pub fn parse(text: &str) -> Result<Timestamp, TimestampError> {
         let mut cur = Cursor::new(text.as_bytes());

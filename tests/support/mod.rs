@@ -1,2 +1,6 @@
+//! Test doubles and harnesses shared by the integration tests. Each test binary uses only
+//! part of them, so unused items are expected here.
+#![allow(dead_code)]
+
 pub mod opencti;
 pub mod opencti_graphql;
