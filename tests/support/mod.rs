@@ -2,5 +2,6 @@
 //! part of them, so unused items are expected here.
 #![allow(dead_code)]
 
+pub mod bridge;
 pub mod opencti;
 pub mod opencti_graphql;

@@ -475,6 +475,16 @@ pub struct OpenCti {
 impl OpenCti {
     /// Starts the double on a free port of 127.0.0.1.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts the double serving the stream and, on the same address, `POST /graphql`
+    /// answered by `graphql` (the bridge has one `opencti.url` for both).
+    pub fn start_with_graphql(graphql: super::opencti_graphql::GraphqlDouble) -> Self {
+        Self::start_with(Some(graphql))
+    }
+
+    fn start_with(graphql: Option<super::opencti_graphql::GraphqlDouble>) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         listener
             .set_nonblocking(true)
@@ -505,10 +515,13 @@ impl OpenCti {
             open: watch::channel(0).0,
         });
         let (shutdown, stop) = oneshot::channel::<()>();
-        let app = Router::new()
+        let mut app = Router::new()
             .route("/stream", get(raw_stream))
             .route("/stream/{id}", get(live_stream))
             .with_state(Arc::clone(&shared));
+        if let Some(graphql) = graphql {
+            app = app.merge(super::opencti_graphql::router(graphql));
+        }
         let thread = std::thread::Builder::new()
             .name("opencti-double".into())
             .spawn(move || {
