@@ -10,6 +10,7 @@
 //! - [`config`]: the YAML file plus environment overrides, validated before anything starts.
 //! - [`store`]: the sled outbox: queues, dead letters, stream position, group commit.
 //! - [`stix`]: pure mapping of stream events to indicators, and validation of sightings.
+//! - [`threatbus`]: the Threat Bus link (ZeroMQ): subscription, heartbeats, publish, receive.
 //! - [`daemon`]: the `run` command: wires the store, the admin socket and the pipelines.
 //! - [`admin`]: the Unix socket through which the maintenance commands reach the daemon.
 //! - [`inspect`]: the `inspect-queue` report, and [`maintenance`]: the other commands.
@@ -22,3 +23,4 @@ pub mod logging;
 pub mod maintenance;
 pub mod stix;
 pub mod store;
+pub mod threatbus;
