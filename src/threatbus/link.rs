@@ -15,8 +15,9 @@
 //! - The data ports come without a host: connect them on the manage host.
 //! - Slow joiner: frames written on a PUB before Threat Bus's SUB subscription arrived are
 //!   lost. We connect an XPUB instead and publish only while it holds Threat Bus's
-//!   `stix2/` subscription; the `\x00stix2/` unsubscription arrives when Threat Bus goes
-//!   away, which also tells us early that it is gone.
+//!   `stix2/` subscription. With ZMQ_IMMEDIATE set on the XPUB, the `\x00stix2/`
+//!   unsubscription arrives when Threat Bus goes away, which tells us early that it is gone
+//!   (without it, none does: see `open_data_sockets`).
 //! - High-water marks: SNDHWM=0 on the XPUB (20,000 at once with the default lost 9,000),
 //!   RCVHWM=0 on the SUB (Threat Bus's PUB drops what a slow app does not take).
 //! - Threat Bus re-serializes every message: the echo of a published indicator is not
@@ -455,6 +456,13 @@ impl Supervisor {
         // SNDHWM=0: a burst larger than the HWM would be dropped silently (9,000 of
         // 20,000 with the default); unlimited buffers it on our side instead.
         xpub.set_sndhwm(0)?;
+        // IMMEDIATE: without it libzmq (4.3.4, connecting side) keeps the pipe across a
+        // lost connection, so Threat Bus going away produces no `\x00stix2/` frame, its
+        // subscription seems to stay, and frames written meanwhile queue for whoever binds
+        // the port next (observed). With it, the pipe exists only while connected: the
+        // `\x00stix2/` frame arrives when Threat Bus dies and `\x01stix2/` again when it
+        // is back, so "subscribed" means "connected to Threat Bus right now".
+        xpub.set_immediate(true)?;
         xpub.set_ipv6(ipv6)?;
         xpub.connect(&manage::tcp_endpoint(
             &self.config.host,
@@ -472,6 +480,10 @@ impl Supervisor {
     fn supervise(&mut self, topic: &str, generation: u64) -> Outcome {
         let subscribed_at = Instant::now();
         let mut data_connected = false;
+        // The data connection came back within this subscription: Threat Bus may have
+        // restarted (and forgotten us); a heartbeat decides before we say Ready again.
+        let mut dropped = false;
+        let mut confirm_before_ready = false;
         let mut warned_unconnected = false;
         let mut failures = 0u32;
         let mut next_heartbeat = Instant::now() + self.config.heartbeat_interval;
@@ -489,14 +501,19 @@ impl Supervisor {
                         continue;
                     }
                     data_connected = subscribed;
-                    if subscribed {
+                    if subscribed && !dropped {
                         self.set_state(LinkState::Ready {
                             topic: topic.to_owned(),
                             generation,
                         });
+                    } else if subscribed {
+                        confirm_before_ready = true;
+                        next_heartbeat = Instant::now();
                     } else {
                         // The TCP connection to Threat Bus's SUB went away: it stopped or
                         // restarts. Ask at once instead of waiting for the next heartbeat.
+                        dropped = true;
+                        confirm_before_ready = false;
                         self.set_down("Threat Bus dropped the data connection".to_owned());
                         next_heartbeat = Instant::now();
                     }
@@ -505,6 +522,13 @@ impl Supervisor {
                     match self.manage.heartbeat(topic) {
                         Ok(true) => {
                             failures = 0;
+                            if confirm_before_ready && data_connected {
+                                confirm_before_ready = false;
+                                self.set_state(LinkState::Ready {
+                                    topic: topic.to_owned(),
+                                    generation,
+                                });
+                            }
                             if !data_connected
                                 && !warned_unconnected
                                 && subscribed_at.elapsed() > DATA_CONNECT_WARNING
