@@ -11,6 +11,7 @@
 //! - [`store`]: the sled outbox: queues, dead letters, stream position, group commit.
 //! - [`opencti`]: the live-stream transport (SSE): one connection, its events, nothing more.
 //! - [`stix`]: pure mapping of stream events to indicators, and validation of sightings.
+//! - [`threatbus`]: the Threat Bus link (ZeroMQ): subscription, heartbeats, publish, receive.
 //! - [`daemon`]: the `run` command: wires the store, the admin socket and the pipelines.
 //! - [`admin`]: the Unix socket through which the maintenance commands reach the daemon.
 //! - [`inspect`]: the `inspect-queue` report, and [`maintenance`]: the other commands.
@@ -26,3 +27,4 @@ pub mod opencti;
 pub mod pipeline;
 pub mod stix;
 pub mod store;
+pub mod threatbus;

@@ -5,3 +5,4 @@
 pub mod bridge;
 pub mod opencti;
 pub mod opencti_graphql;
+pub mod threatbus;
