@@ -29,18 +29,29 @@ const EVENTS: usize = 50_000;
 const TARGET: f64 = 20_000.0;
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let double = OpenCti::start();
     double.set_heartbeat_interval(Duration::from_secs(3600));
     let start_id = double.append_raw("heartbeat", "\"seed\"");
     let mut bytes = 0usize;
     let mut last = String::new();
     for i in 0..EVENTS {
-        let ind = Indicator::ipv4(&format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255));
+        let ind = Indicator::ipv4(&format!(
+            "10.{}.{}.{}",
+            (i >> 16) & 255,
+            (i >> 8) & 255,
+            i & 255
+        ));
         last = double.append_indicator_create(&ind);
         bytes += 1700;
     }
-    println!("stream benchmark: {EVENTS} indicator create events (~{} MB) from the OpenCTI double", bytes / 1_000_000);
+    println!(
+        "stream benchmark: {EVENTS} indicator create events (~{} MB) from the OpenCTI double",
+        bytes / 1_000_000
+    );
     let config = StreamConfig {
         base_url: double.base_url(),
         token: Secret::new("bench"),
@@ -54,7 +65,10 @@ fn main() {
     let transport = runtime.block_on(transport_only(&config, &start_id));
     let reader = runtime.block_on(reader(&config, &start_id, &last));
     println!("{:<44} {:>12}", "", "events/s");
-    println!("{:<44} {:>12.0}", "baseline: transport only (parse, drop)", transport);
+    println!(
+        "{:<44} {:>12.0}",
+        "baseline: transport only (parse, drop)", transport
+    );
     println!("{:<44} {:>12.0}", "stream reader → durable outbox", reader);
     println!(
         "reader / transport: {:.2}   target ≥ {TARGET:.0} events/s: {}",
@@ -93,7 +107,11 @@ async fn reader(config: &StreamConfig, start_id: &str, last: &str) -> f64 {
             live: true,
             first_start_from: "0-0".into(),
             first_start_recover: None,
-            retry: RetryPolicy { initial: Duration::from_millis(50), max: Duration::from_secs(1), multiplier: 2.0 },
+            retry: RetryPolicy {
+                initial: Duration::from_millis(50),
+                max: Duration::from_secs(1),
+                multiplier: 2.0,
+            },
             auth_retry: Duration::from_secs(1),
         },
         Arc::new(Status::default()),
@@ -108,7 +126,11 @@ async fn reader(config: &StreamConfig, start_id: &str, last: &str) -> f64 {
     }
     store.flush().expect("flush");
     let elapsed = started.elapsed();
-    assert_eq!(store.len(Queue::Indicators), EVENTS as u64, "every indicator queued");
+    assert_eq!(
+        store.len(Queue::Indicators),
+        EVENTS as u64,
+        "every indicator queued"
+    );
     let _ = stop.send(true);
     let _ = task.await;
     EVENTS as f64 / elapsed.as_secs_f64()

@@ -2,12 +2,25 @@
 //! it down cleanly on SIGTERM/SIGINT (SPEC §2.10).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
 use crate::admin::{self, Status};
 use crate::config::Config;
-use crate::store::{Store, StoreOptions};
+use crate::metrics::Metrics;
+use crate::opencti::graphql::{ConnectorRegistration, GraphqlClient};
+use crate::opencti::registration;
+use crate::opencti::stream::{StreamClient, StreamConfig};
+use crate::pipeline::intake::Intake;
+use crate::pipeline::retry::RetryPolicy;
+use crate::pipeline::stream::{ReaderConfig, StreamReader, DEFAULT_AUTH_RETRY};
+use crate::pipeline::to_bus::{ToBus, ToBusConfig};
+use crate::pipeline::to_opencti::{ToOpenCti, ToOpenCtiConfig};
+use crate::store::{Queue, Store, StoreOptions};
+use crate::threatbus::{Link, LinkConfig, LinkState};
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -26,6 +39,12 @@ pub fn store_options(config: &Config) -> StoreOptions {
     }
 }
 
+/// Store meta key of the Threat Bus subscription (p2p topic) this bridge holds: Threat Bus
+/// never expires subscriptions, so one left by a crash is unsubscribed at the next start.
+const META_BUS_TOPIC: &str = "threatbus_topic";
+/// SPEC §2.10: exit within 10 s of SIGTERM. The tasks get most of it, the link the rest.
+const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn run_async(config: Config) -> anyhow::Result<()> {
     for key in &config.unknown_keys {
         tracing::warn!(key = %key, "unknown configuration key ignored (a typo?)");
@@ -33,20 +52,9 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let data_dir = config.bridge.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    let options = store_options(&config);
-    let open_dir = data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&open_dir, &options))
-        .await
-        .context("opening the store")??;
-    let store = Arc::new(store);
-    tracing::info!(
-        path = %store.path().display(),
-        indicators = store.len(crate::store::Queue::Indicators),
-        sightings = store.len(crate::store::Queue::Sightings),
-        dead = store.dead_len(),
-        "store open"
-    );
+    let store = open_store(&config).await?;
     let status = Arc::new(Status::default());
+    let metrics = Arc::new(Metrics::default());
     status.set("store", "open");
     let listener = admin::bind(&data_dir)?;
     let admin_task = tokio::spawn(admin::serve(
@@ -54,16 +62,224 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         Arc::clone(&store),
         Arc::clone(&status),
     ));
+    let metrics_task = start_metrics(&config, &metrics, &store).await?;
 
-    let signal = wait_for_shutdown().await?;
-    tracing::info!(signal, "shutting down");
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+
+    // Threat Bus link, and the topic bookkeeping that survives a crash.
+    let stale_topic = store.meta(META_BUS_TOPIC)?;
+    let (link, incoming) = Link::start(LinkConfig::from_config(&config.threatbus, stale_topic))?;
+    tasks.spawn(track_topic(
+        shutdown.clone(),
+        link.state(),
+        Arc::clone(&store),
+        Arc::clone(&status),
+        Arc::clone(&metrics),
+    ));
+
+    let (echo_tx, echo_rx) = mpsc::unbounded_channel();
+    let intake = Intake::new(
+        Arc::clone(&store),
+        incoming,
+        echo_tx,
+        config.bridge.sighting_queue_limit,
+        Arc::clone(&metrics),
+    );
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(intake.run(stop).await?) });
+
+    let to_bus = ToBus::new(
+        Arc::clone(&store),
+        link.publisher(),
+        link.state(),
+        echo_rx,
+        ToBusConfig {
+            window: config.bridge.inflight_window,
+            confirm: config.threatbus.confirm_delivery,
+            confirm_timeout: config.bridge.confirm_timeout,
+            max_attempts: config.bridge.max_attempts,
+            retry: RetryPolicy::from_config(&config.bridge),
+        },
+        Arc::clone(&status),
+        Arc::clone(&metrics),
+    );
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(to_bus.run(stop).await?) });
+
+    let reader = StreamReader::new(
+        StreamClient::new(&StreamConfig::from_config(&config))?,
+        Arc::clone(&store),
+        reader_config(&config),
+        Arc::clone(&status),
+        Arc::clone(&metrics),
+    )?;
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(reader.run(stop).await?) });
+
+    let graphql = Arc::new(GraphqlClient::new(&config.opencti)?);
+    let to_opencti = ToOpenCti::new(
+        Arc::clone(&store),
+        Arc::clone(&graphql),
+        ToOpenCtiConfig {
+            concurrency: config.bridge.opencti_concurrency,
+            max_attempts: config.bridge.max_attempts,
+            retry: RetryPolicy::from_config(&config.bridge),
+            auth_retry: DEFAULT_AUTH_RETRY,
+            confidence: config.connector.confidence_level,
+            entity_name: config.connector.entity_name.clone(),
+            entity_description: config.connector.entity_description.clone(),
+        },
+        Arc::clone(&status),
+        Arc::clone(&metrics),
+    );
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(to_opencti.run(stop).await?) });
+    let stop = shutdown.clone();
+    let (registration_store, registration_status) = (Arc::clone(&store), Arc::clone(&status));
+    let retry = RetryPolicy::from_config(&config.bridge);
+    let connector = ConnectorRegistration::from_config(&config.connector);
+    tasks.spawn(async move {
+        registration::run(
+            graphql,
+            connector,
+            registration_store,
+            retry,
+            registration_status,
+            stop,
+        )
+        .await;
+        Ok(())
+    });
+
+    // Run until a signal, or until a task fails (only the store can make one fail).
+    let outcome = tokio::select! {
+        signal = wait_for_shutdown() => { tracing::info!(signal = signal?, "shutting down"); Ok(()) }
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a pipeline task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("a pipeline task panicked: {e}")),
+        },
+    };
+    let _ = shutdown_tx.send(true);
+    if tokio::time::timeout(TASK_STOP_TIMEOUT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("pipeline tasks did not stop in time; aborting them");
+        tasks.abort_all();
+    }
+    match link.shutdown().await {
+        Some(left) => {
+            let _ = store.set_meta(META_BUS_TOPIC, &left);
+        }
+        None => {
+            let _ = store.remove_meta(META_BUS_TOPIC);
+        }
+    }
     admin_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     let _ = std::fs::remove_file(admin::socket_path(&data_dir));
     tokio::task::spawn_blocking(move || store.close())
         .await
         .context("closing the store")??;
     tracing::info!("store flushed; bye");
-    Ok(())
+    outcome
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
+    let options = store_options(config);
+    let dir = config.bridge.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, &options))
+        .await
+        .context("opening the store")??;
+    tracing::info!(
+        path = %store.path().display(),
+        indicators = store.len(Queue::Indicators),
+        sightings = store.len(Queue::Sightings),
+        dead = store.dead_len(),
+        position = ?store.position()?,
+        "store open"
+    );
+    Ok(Arc::new(store))
+}
+
+async fn start_metrics(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    store: &Arc<Store>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if !config.connector.expose_metrics {
+        return Ok(None);
+    }
+    let port = config.connector.metrics_port;
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| {
+            format!("listening for metrics on port {port} (connector.metrics_port)")
+        })?;
+    tracing::info!(port, "serving Prometheus metrics on /metrics");
+    Ok(Some(tokio::spawn(crate::metrics::serve(
+        listener,
+        Arc::clone(metrics),
+        Arc::clone(store),
+    ))))
+}
+
+fn reader_config(config: &Config) -> ReaderConfig {
+    ReaderConfig {
+        forward_all_iocs: config.connector.forward_all_iocs,
+        indicator_limit: config.bridge.indicator_queue_limit,
+        stream_timeout: config.connector.stream_timeout,
+        live: config.connector.live_stream_id.is_some(),
+        first_start_from: config
+            .connector
+            .live_stream_start_timestamp
+            .clone()
+            .unwrap_or_else(|| "0-0".into()),
+        first_start_recover: config.connector.live_stream_recover_iso_date.clone(),
+        retry: RetryPolicy::from_config(&config.bridge),
+        auth_retry: DEFAULT_AUTH_RETRY,
+    }
+}
+
+/// Persists the current Threat Bus topic, logs link state changes, counts resubscriptions.
+async fn track_topic(
+    mut shutdown: watch::Receiver<bool>,
+    mut state: watch::Receiver<LinkState>,
+    store: Arc<Store>,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let mut subscribed_once = false;
+    loop {
+        let current = state.borrow_and_update().clone();
+        match &current {
+            LinkState::Ready { topic, generation } => {
+                // Durable before anything else: a crash must not leak the subscription.
+                store.set_meta(META_BUS_TOPIC, topic)?.wait().await?;
+                if subscribed_once {
+                    metrics.bus_resubscriptions.inc();
+                }
+                subscribed_once = true;
+                tracing::info!(generation, "subscribed to Threat Bus");
+                status.set("threatbus", "ready");
+            }
+            LinkState::Connecting => status.set("threatbus", "connecting"),
+            LinkState::Down { reason } => {
+                tracing::warn!(%reason, "Threat Bus link down");
+                status.set("threatbus", format!("down: {reason}"));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            changed = state.changed() => if changed.is_err() { return Ok(()) },
+        }
+    }
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<&'static str> {

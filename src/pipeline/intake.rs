@@ -72,16 +72,22 @@ impl Intake {
     fn take(&self, message: Incoming, batch: &mut Batch) {
         match message {
             Incoming::Indicator(json) => match classify_bus_message("indicator", &json) {
-                BusMessage::Indicator { echo_key: Some(key) } => {
+                BusMessage::Indicator {
+                    echo_key: Some(key),
+                } => {
                     let _ = self.echoes.send(key);
                 }
-                _ => tracing::debug!("indicator from Threat Bus without a usable id/modified: skipped"),
+                _ => tracing::debug!(
+                    "indicator from Threat Bus without a usable id/modified: skipped"
+                ),
             },
             Incoming::Sighting(json) => match classify_bus_message("sighting", &json) {
                 BusMessage::Sighting(_) => batch.sightings.push(json.into_bytes()),
                 BusMessage::InvalidSighting(error) => {
                     tracing::warn!(%error, "invalid sighting from Threat Bus parked as a dead letter");
-                    batch.parked.push((json.into_bytes(), format!("invalid sighting: {error}")));
+                    batch
+                        .parked
+                        .push((json.into_bytes(), format!("invalid sighting: {error}")));
                 }
                 _ => {}
             },
@@ -114,7 +120,9 @@ impl Intake {
         }
         let received = batch.sightings.len() as u64;
         self.metrics.sightings.dead.add(batch.parked.len() as u64);
-        let _durable = self.store.commit_batch(Queue::Sightings, batch.sightings, batch.parked, None)?;
+        let _durable =
+            self.store
+                .commit_batch(Queue::Sightings, batch.sightings, batch.parked, None)?;
         self.metrics.received(Queue::Sightings, received);
         Ok(())
     }

@@ -7,6 +7,8 @@
 //!
 //! [`checkpoint`] holds the position rules and [`retry`] the backoff they share.
 pub mod checkpoint;
+pub mod intake;
 pub mod retry;
 pub mod stream;
+pub mod to_bus;
 pub mod to_opencti;

@@ -92,10 +92,14 @@ impl ToBus {
             };
             let Some(generation) = generation else {
                 if was_ready {
-                    tracing::warn!(waiting = self.store.len(Queue::Indicators), "Threat Bus link down: indicators wait in the outbox");
+                    tracing::warn!(
+                        waiting = self.store.len(Queue::Indicators),
+                        "Threat Bus link down: indicators wait in the outbox"
+                    );
                     was_ready = false;
                 }
-                self.status.set("to_threatbus", "paused: Threat Bus link down");
+                self.status
+                    .set("to_threatbus", "paused: Threat Bus link down");
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return Ok(()),
                     changed = state.changed() => if changed.is_err() { return Ok(()) },
@@ -108,7 +112,10 @@ impl ToBus {
             }
             if generation != self.sent_generation && !self.inflight.is_empty() {
                 // A new subscription: whatever was out under the old one may be lost.
-                tracing::info!(resending = self.inflight.len(), "Threat Bus subscription renewed: resending unconfirmed indicators");
+                tracing::info!(
+                    resending = self.inflight.len(),
+                    "Threat Bus subscription renewed: resending unconfirmed indicators"
+                );
                 self.resend_all().await;
             }
             self.fill_window().await?;
@@ -167,9 +174,11 @@ impl ToBus {
             .as_ref()
             .and_then(indicator_echo_key);
         let (Some(echo), Ok(json)) = (echo, std::str::from_utf8(&item.envelope.payload)) else {
-            let reason = "not a STIX indicator with id and modified: Threat Bus could never confirm it";
+            let reason =
+                "not a STIX indicator with id and modified: Threat Bus could never confirm it";
             tracing::error!(key = item.key, reason, "indicator dead-lettered");
-            self.store.dead_letter(Queue::Indicators, item.key, reason)?;
+            self.store
+                .dead_letter(Queue::Indicators, item.key, reason)?;
             self.metrics.indicators.dead.inc();
             return Ok(None);
         };
@@ -206,9 +215,9 @@ impl ToBus {
         let window_full = self.inflight.len() >= self.config.window;
         let deadline = self.head_deadline();
         let notified = self.store.notified(Queue::Indicators);
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => {}
-            _ = state.changed() => {}
+        let timed_out = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => false,
+            _ = state.changed() => false,
             echo = self.echoes.recv() => {
                 if let Some(echo) = echo {
                     self.on_echo(&echo)?;
@@ -217,10 +226,14 @@ impl ToBus {
                         self.on_echo(&echo)?;
                     }
                 }
+                false
             }
-            _ = sleep_until(deadline) => self.on_timeout().await?,
-            _ = notified, if !window_full => {}
-            _ = tokio::time::sleep(IDLE_POLL), if !window_full => {}
+            _ = sleep_until(deadline) => true,
+            _ = notified, if !window_full => false,
+            _ = tokio::time::sleep(IDLE_POLL), if !window_full => false,
+        };
+        if timed_out {
+            self.on_timeout().await?;
         }
         Ok(())
     }
@@ -232,7 +245,9 @@ impl ToBus {
 
     /// Unconfirmed for longer than this means lost; it grows with each attempt (backoff).
     fn timeout_for(&self, attempts: u32) -> Duration {
-        self.config.confirm_timeout.max(self.config.retry.delay_after(attempts))
+        self.config
+            .confirm_timeout
+            .max(self.config.retry.delay_after(attempts))
     }
 
     fn on_echo(&mut self, echo: &EchoKey) -> Result<(), StoreError> {
@@ -243,13 +258,17 @@ impl ToBus {
                 }
             }
             // A late duplicate of one already confirmed, or another app's indicator.
-            None => tracing::trace!(id = %echo.id, "indicator from Threat Bus matches nothing in flight"),
+            None => {
+                tracing::trace!(id = %echo.id, "indicator from Threat Bus matches nothing in flight")
+            }
         }
         Ok(())
     }
 
     async fn on_timeout(&mut self) -> Result<(), StoreError> {
-        let Some(head) = self.inflight.front() else { return Ok(()) };
+        let Some(head) = self.inflight.front() else {
+            return Ok(());
+        };
         let (key, attempts) = (head.key, head.attempts + 1);
         let error = format!(
             "no echo from Threat Bus within {:.0}s (attempt {attempts})",

@@ -24,14 +24,20 @@ impl BridgeEnv {
         for (k, v) in [
             ("OPENCTI_URL", opencti_url.to_string()),
             ("OPENCTI_TOKEN", TOKEN.to_string()),
-            ("CONNECTOR_ID", "4ef4ea3a-2b5f-4b7c-9d43-3f4f2b1c9a10".to_string()),
+            (
+                "CONNECTOR_ID",
+                "4ef4ea3a-2b5f-4b7c-9d43-3f4f2b1c9a10".to_string(),
+            ),
             ("CONNECTOR_TYPE", "STREAM".into()),
             ("CONNECTOR_NAME", "Threat Bus".into()),
             ("CONNECTOR_SCOPE", "threatbus".into()),
             ("CONNECTOR_CONFIDENCE_LEVEL", "70".into()),
             ("CONNECTOR_LOG_LEVEL", "debug".into()),
             ("CONNECTOR_ENTITY_NAME", "Threat Bus Sensors".into()),
-            ("CONNECTOR_ENTITY_DESCRIPTION", "sightings from the test".into()),
+            (
+                "CONNECTOR_ENTITY_DESCRIPTION",
+                "sightings from the test".into(),
+            ),
             ("CONNECTOR_LIVE_STREAM_ID", "live".into()),
             ("CONNECTOR_STREAM_TIMEOUT_S", "20".into()),
             ("THREATBUS_ZMQ_HOST", "127.0.0.1".into()),
@@ -78,7 +84,11 @@ impl Bridge {
     }
 
     fn spawn(&mut self) {
-        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("bridge log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("bridge log");
         let child = Command::new(BIN)
             .arg("run")
             .env_clear()
@@ -141,7 +151,11 @@ impl Bridge {
             .env_clear()
             .output()
             .expect("inspect-queue");
-        assert!(out.status.success(), "inspect-queue failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "inspect-queue failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("inspect-queue JSON")
     }
 
@@ -169,7 +183,11 @@ impl Bridge {
                 return;
             }
             assert!(self.running(), "the bridge exited:\n{}", self.log_tail(60));
-            assert!(Instant::now() < deadline, "the bridge never became healthy:\n{}", self.log_tail(60));
+            assert!(
+                Instant::now() < deadline,
+                "the bridge never became healthy:\n{}",
+                self.log_tail(60)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
