@@ -5,4 +5,5 @@
 pub mod bridge;
 pub mod opencti;
 pub mod opencti_graphql;
+pub mod proxy;
 pub mod threatbus;
