@@ -1,5 +1,7 @@
 //! Log setup: `connector.log_level`, human text or JSON (`connector.log_format`), stderr.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogLevel};
@@ -13,8 +15,10 @@ pub fn init(level: LogLevel, format: LogFormat) {
     };
     // Dependencies log at their own levels; only ours follows the configured one.
     let filter = EnvFilter::new(format!("warn,opencti_threatbus={level}"));
+    // Colours only on a terminal: a log file or a container log gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),

@@ -192,10 +192,17 @@ impl Bridge {
         }
     }
 
-    /// The last `lines` lines the bridge logged (all runs).
+    /// The last `lines` lines the bridge logged (all runs), without the stream reader's
+    /// reconnection chatter (tests that use no stream would see nothing else).
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
+        let all: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                !l.contains("opening the OpenCTI stream")
+                    && !l.contains("cannot connect to the OpenCTI stream")
+            })
+            .collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
