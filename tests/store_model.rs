@@ -375,7 +375,7 @@ fn options() -> StoreOptions {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {

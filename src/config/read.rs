@@ -46,6 +46,21 @@ fn opencti_url(src: &Sources) -> Result<String, ConfigError> {
     }
 }
 
+/// OpenCTI 5.12 and 6.0 declare `OrganizationAddInput.name` as `name_String_NotNull_minLength_2`:
+/// a shorter name would be refused at the first sighting, long after start.
+fn entity_name(src: &Sources) -> Result<String, ConfigError> {
+    let key = keys::CONNECTOR_ENTITY_NAME;
+    let name = src.required_text(key)?;
+    if name.trim().chars().count() < 2 {
+        return Err(invalid(
+            key,
+            "an organization name of at least 2 characters",
+            quote(&name),
+        ));
+    }
+    Ok(name)
+}
+
 impl ConnectorConfig {
     pub(super) fn read(src: &Sources) -> Result<Self, ConfigError> {
         let id = connector_id(src)?;
@@ -58,7 +73,7 @@ impl ConnectorConfig {
             confidence_level: src.integer(keys::CONNECTOR_CONFIDENCE_LEVEL, None, 0..=100)?,
             log_level: log_level(src)?,
             log_format: log_format(src)?,
-            entity_name: src.required_text(keys::CONNECTOR_ENTITY_NAME)?,
+            entity_name: entity_name(src)?,
             entity_description: src.required_text(keys::CONNECTOR_ENTITY_DESCRIPTION)?,
             forward_all_iocs: src.boolean(keys::CONNECTOR_FORWARD_ALL_IOCS, false)?,
             live_stream_id: src.optional_text(keys::CONNECTOR_LIVE_STREAM_ID)?,

@@ -929,3 +929,19 @@ fn data_dir_wrong_type_is_an_error() {
         "{err:?}"
     );
 }
+
+#[test]
+fn entity_name_needs_two_characters() {
+    let err = failed(base_with_env(&[("CONNECTOR_ENTITY_NAME", "X")]));
+    assert!(
+        matches!(
+            err,
+            ConfigError::Invalid {
+                key: "connector.entity_name",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("CONNECTOR_ENTITY_NAME"), "{err}");
+}

@@ -51,6 +51,32 @@ impl Default for StoreOptions {
     }
 }
 
+/// sled 0.34 releases its file lock only when its background threads have stopped, a
+/// little after the `Db` is dropped (spacejam/sled#1289): a lock held by this very process
+/// a moment ago is waited for this long before another process is blamed.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
+fn open_sled(path: &Path, options: &StoreOptions) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new()
+        .path(path)
+        .cache_capacity(options.cache_bytes)
+        .mode(sled::Mode::HighThroughput);
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(e) => match StoreError::from_open(path.to_path_buf(), e) {
+                StoreError::Locked { .. } if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                other => return Err(other),
+            },
+        }
+    }
+}
+
 /// Which dead letters a maintenance command applies to.
 #[derive(Debug, Clone, Default)]
 pub struct DeadFilter {
@@ -94,12 +120,7 @@ impl Store {
     /// Opens (or creates) the store in `data_dir`, checking and upgrading its format.
     pub fn open(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
         let path = data_dir.join(STORE_SUBDIR);
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(options.cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| StoreError::from_open(path.clone(), e))?;
+        let db = open_sled(&path, options)?;
         let tree = db.open_tree("outbox")?;
         let format_found = migrate::check_and_upgrade(&tree, &path)?;
         let commit =
