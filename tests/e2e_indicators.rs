@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opencti_threatbus::store::{Store, StoreOptions};
 use serde_json::Value;
@@ -118,19 +118,6 @@ fn indicators(app: &TestApp) -> Vec<Op> {
         .collect()
 }
 
-/// Waits until `done()` or fails with the bridge's log.
-fn until(bridge: &Bridge, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; bridge log:\n{}",
-            bridge.log_tail(80)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Every expected operation arrived, and their first arrivals are in stream order.
 fn assert_complete_and_ordered(received: &[Op], expected: &[Op]) {
     let mut first_seen = Vec::new();
@@ -165,14 +152,12 @@ fn indicators_arrive_in_stream_order_filtered_and_marked() {
     bridge.wait_healthy(WAIT);
     world.append_mix(25);
     let expected = world.expected.clone();
-    until(&bridge, "every indicator at the app", || {
+    bridge.until("every indicator at the app", WAIT, || {
         indicators(&app).len() >= expected.len()
     });
-    until(
-        &bridge,
-        "the outbox to drain (every echo confirmed)",
-        || bridge.queued("indicators") == 0,
-    );
+    bridge.until("the outbox to drain (every echo confirmed)", WAIT, || {
+        bridge.queued("indicators") == 0
+    });
     std::thread::sleep(Duration::from_millis(300));
     let received = indicators(&app);
     assert_eq!(
@@ -198,27 +183,25 @@ fn a_threatbus_restart_loses_nothing() {
     let mut bridge = Bridge::start(world.env(proxy.port));
     bridge.wait_healthy(WAIT);
     world.append_mix(40);
-    until(&bridge, "part of the run to arrive", || {
+    bridge.until("part of the run to arrive", WAIT, || {
         indicators(&app1).len() >= 20
     });
     proxy.block();
     world.bus.kill();
     world.append_mix(40); // read and queued while Threat Bus is down
-    until(
-        &bridge,
-        "the outbox to fill while Threat Bus is down",
-        || bridge.queued("indicators") > 0,
-    );
+    bridge.until("the outbox to fill while Threat Bus is down", WAIT, || {
+        bridge.queued("indicators") > 0
+    });
     world.bus.restart();
     let app2 = TestApp::subscribe(world.bus.manage_port, &["stix2/indicator"]);
     proxy.unblock();
     world.append_mix(20);
     let expected = world.expected.clone();
-    until(&bridge, "the outbox to drain after the restart", || {
+    bridge.until("the outbox to drain after the restart", WAIT, || {
         bridge.queued("indicators") == 0
     });
     let expected_set: HashSet<&Op> = expected.iter().collect();
-    until(&bridge, "every indicator at the apps", || {
+    bridge.until("every indicator at the apps", WAIT, || {
         let got: HashSet<Op> = indicators(&app1)
             .into_iter()
             .chain(indicators(&app2))
@@ -260,11 +243,11 @@ fn bridge_sigkilled_at_random_moments_loses_nothing() {
     world.append_mix(10);
     let expected = world.expected.clone();
     bridge.wait_healthy(WAIT);
-    until(&bridge, "the outbox to drain", || {
+    bridge.until("the outbox to drain", WAIT, || {
         bridge.queued("indicators") == 0
     });
     let expected_set: HashSet<&Op> = expected.iter().collect();
-    until(&bridge, "every indicator at the app", || {
+    bridge.until("every indicator at the app", WAIT, || {
         let got: HashSet<Op> = indicators(&app).into_iter().collect();
         expected_set.iter().all(|op| got.contains(*op))
     });
@@ -299,17 +282,17 @@ fn a_cut_stream_resumes_from_the_position_without_replaying() {
     bridge.wait_healthy(WAIT);
     world.append_mix(20);
     let first_part = world.expected.len();
-    until(&bridge, "the first part", || {
+    bridge.until("the first part", WAIT, || {
         indicators(&app).len() >= first_part
     });
     let before = world.opencti.request_count();
     world.opencti.cut_connections();
     world.append_mix(20);
     let expected = world.expected.clone();
-    until(&bridge, "the second part", || {
+    bridge.until("the second part", WAIT, || {
         indicators(&app).len() >= expected.len()
     });
-    until(&bridge, "the outbox to drain", || {
+    bridge.until("the outbox to drain", WAIT, || {
         bridge.queued("indicators") == 0
     });
     std::thread::sleep(Duration::from_millis(300));

@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::bridge::{Bridge, BridgeEnv, BIN, TOKEN};
@@ -72,18 +72,6 @@ impl World {
     }
 }
 
-fn until(bridge: &Bridge, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; bridge log:\n{}",
-            bridge.log_tail(80)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn recorded_ids(double: &GraphqlDouble) -> HashSet<String> {
     double
         .sightings()
@@ -101,15 +89,15 @@ fn sightings_become_relationships_with_the_right_fields() {
     let mut world = World::new();
     let mut bridge = Bridge::start(world.env());
     bridge.wait_healthy(WAIT);
-    until(&bridge, "the bridge's subscription", || {
+    bridge.until("the bridge's subscription", WAIT, || {
         bridge.log_text().contains("subscribed to Threat Bus")
     });
     let sightings: Vec<Value> = (0..40).map(|i| world.sighting(i)).collect();
     world.publish(&sightings);
-    until(&bridge, "40 relationships", || {
+    bridge.until("40 relationships", WAIT, || {
         world.double().sightings().len() >= 40
     });
-    until(&bridge, "the outbox to drain", || {
+    bridge.until("the outbox to drain", WAIT, || {
         bridge.queued("sightings") == 0
     });
 
@@ -151,12 +139,12 @@ fn an_opencti_outage_delays_but_loses_nothing() {
     let mut world = World::new();
     let mut bridge = Bridge::start(world.env());
     bridge.wait_healthy(WAIT);
-    until(&bridge, "the bridge's subscription", || {
+    bridge.until("the bridge's subscription", WAIT, || {
         bridge.log_text().contains("subscribed to Threat Bus")
     });
     let first: Vec<Value> = (0..10).map(|i| world.sighting(i)).collect();
     world.publish(&first);
-    until(&bridge, "the first sightings", || {
+    bridge.until("the first sightings", WAIT, || {
         world.double().sightings().len() >= 10
     });
 
@@ -164,13 +152,13 @@ fn an_opencti_outage_delays_but_loses_nothing() {
     world.graphql.set_down(true);
     let during: Vec<Value> = (10..60).map(|i| world.sighting(i)).collect();
     world.publish(&during[..25]);
-    until(&bridge, "a backlog while OpenCTI is down", || {
+    bridge.until("a backlog while OpenCTI is down", WAIT, || {
         bridge.queued("sightings") >= 20
     });
     world.graphql.set_down(false);
     world.double().set_bad_gateway(true);
     world.publish(&during[25..]);
-    until(&bridge, "the whole backlog", || {
+    bridge.until("the whole backlog", WAIT, || {
         bridge.queued("sightings") >= 45
     });
     let backlog = bridge.queued("sightings");
@@ -178,7 +166,7 @@ fn an_opencti_outage_delays_but_loses_nothing() {
     assert_eq!(bridge.queued("dead"), 0, "an outage dead-letters nothing");
 
     world.double().set_bad_gateway(false);
-    until(&bridge, "the backlog to drain", || {
+    bridge.until("the backlog to drain", WAIT, || {
         bridge.queued("sightings") == 0
     });
     let ids = recorded_ids(world.double());
@@ -209,7 +197,7 @@ fn sightings_durable_before_a_sigkill_all_land() {
     let env = world.env();
     let mut bridge = Bridge::start(env);
     bridge.wait_healthy(WAIT);
-    until(&bridge, "the bridge's subscription", || {
+    bridge.until("the bridge's subscription", WAIT, || {
         bridge.log_text().contains("subscribed to Threat Bus")
     });
     let mut must_land = Vec::new();
@@ -220,7 +208,7 @@ fn sightings_durable_before_a_sigkill_all_land() {
         let batch: Vec<Value> = (0..30).map(|i| world.sighting(round * 100 + i)).collect();
         world.publish(&batch);
         let queued_before = bridge.queued("sightings");
-        until(&bridge, "the batch to be queued", || {
+        bridge.until("the batch to be queued", WAIT, || {
             bridge.queued("sightings") >= queued_before + 30
         });
         // Well past flush_interval_ms (10 ms): these are durable now.
@@ -236,7 +224,7 @@ fn sightings_durable_before_a_sigkill_all_land() {
         bridge.wait_healthy(WAIT);
     }
     world.double().set_bad_gateway(false);
-    until(&bridge, "every durable sighting", || {
+    bridge.until("every durable sighting", WAIT, || {
         let ids = recorded_ids(world.double());
         must_land.iter().all(|id| ids.contains(id))
     });
@@ -256,7 +244,7 @@ fn a_poison_sighting_is_dead_lettered_and_can_be_requeued() {
     let env = world.env().set("BRIDGE_MAX_ATTEMPTS", "3");
     let mut bridge = Bridge::start(env);
     bridge.wait_healthy(WAIT);
-    until(&bridge, "the bridge's subscription", || {
+    bridge.until("the bridge's subscription", WAIT, || {
         bridge.log_text().contains("subscribed to Threat Bus")
     });
     // A sighting of an indicator OpenCTI does not know: a missing reference.
@@ -266,11 +254,11 @@ fn a_poison_sighting_is_dead_lettered_and_can_be_requeued() {
     world.publish(&good[..10]);
     world.publish(std::slice::from_ref(&poison));
     world.publish(&good[10..]);
-    until(&bridge, "the good sightings", || {
+    bridge.until("the good sightings", WAIT, || {
         good.iter()
             .all(|s| recorded_ids(world.double()).contains(&id_of(s)))
     });
-    until(&bridge, "the poison to be dead-lettered", || {
+    bridge.until("the poison to be dead-lettered", WAIT, || {
         bridge.queued("dead") == 1
     });
     let report = bridge.inspect();
@@ -308,7 +296,7 @@ fn a_poison_sighting_is_dead_lettered_and_can_be_requeued() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    until(&bridge, "the requeued sighting to land", || {
+    bridge.until("the requeued sighting to land", WAIT, || {
         recorded_ids(world.double()).contains(&id_of(&poison))
     });
     assert_eq!(bridge.queued("dead"), 0);

@@ -206,6 +206,19 @@ impl Bridge {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Polls `done` until it holds; after `limit`, fails with the bridge's log.
+    pub fn until(&self, what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; bridge log:\n{}",
+                self.log_tail(80)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
