@@ -215,7 +215,18 @@ fn a_store_from_a_newer_version_is_refused() {
     new_store(dir.path()).close().unwrap();
     {
         // Layout from migrations/0001-initial.md: the format version key in the outbox tree.
-        let db = sled::open(dir.path().join("store")).unwrap();
+        // sled lets go of its lock a moment after the drop (sled#1289): wait for it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            match sled::open(dir.path().join("store")) {
+                Ok(db) => break db,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         let tree = db.open_tree("outbox").unwrap();
         tree.insert(b"\x00format_version", &99u32.to_be_bytes())
             .unwrap();
