@@ -46,6 +46,7 @@ const META_BUS_TOPIC: &str = "threatbus_topic";
 const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn run_async(config: Config) -> anyhow::Result<()> {
+    let mut signals = Signals::install()?;
     for key in &config.unknown_keys {
         tracing::warn!(key = %key, "unknown configuration key ignored (a typo?)");
     }
@@ -154,7 +155,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
 
     // Run until a signal, or until a task fails (only the store can make one fail).
     let outcome = tokio::select! {
-        signal = wait_for_shutdown() => { tracing::info!(signal = signal?, "shutting down"); Ok(()) }
+        signal = signals.recv() => { tracing::info!(signal, "shutting down"); Ok(()) }
         Some(done) = tasks.join_next() => match done {
             Ok(Ok(())) => Err(anyhow::anyhow!("a pipeline task ended unexpectedly")),
             Ok(Err(e)) => Err(e),
@@ -282,12 +283,26 @@ async fn track_topic(
     }
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, caught from the very start: a signal that arrives while the store
+/// opens must still mean a clean shutdown, not the default instant death.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

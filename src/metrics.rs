@@ -106,6 +106,7 @@ impl Metrics {
             "opencti_threatbus_queue_depth{{queue=\"dead\"}} {}",
             store.dead_len()
         );
+        render_ages(&mut out, store);
         for (name, help, value) in [
             (
                 "stream_events_total",
@@ -133,6 +134,43 @@ impl Metrics {
             let _ = writeln!(out, "opencti_threatbus_{name} {value}");
         }
         out
+    }
+}
+
+/// How old the oldest waiting item is, and how far behind the stream position is.
+fn render_ages(out: &mut String, store: &Store) {
+    let now = crate::store::now_ms();
+    let _ = writeln!(out, "# HELP opencti_threatbus_queue_oldest_age_seconds Age of the oldest item waiting in the outbox.");
+    let _ = writeln!(
+        out,
+        "# TYPE opencti_threatbus_queue_oldest_age_seconds gauge"
+    );
+    for queue in Queue::ALL {
+        let age = store
+            .oldest_received_ms(queue)
+            .ok()
+            .flatten()
+            .map_or(0, |t| now.saturating_sub(t));
+        let _ = writeln!(
+            out,
+            "opencti_threatbus_queue_oldest_age_seconds{{queue=\"{queue}\"}} {:.3}",
+            age as f64 / 1000.0
+        );
+    }
+    // A stream id starts with its time in ms: now minus that is how far behind the bridge reads.
+    let position_ms = store
+        .position()
+        .ok()
+        .flatten()
+        .and_then(|p| p.split_once('-').and_then(|(ms, _)| ms.parse::<u64>().ok()));
+    if let Some(ms) = position_ms {
+        let _ = writeln!(out, "# HELP opencti_threatbus_stream_lag_seconds Now minus the time of the stored stream position.");
+        let _ = writeln!(out, "# TYPE opencti_threatbus_stream_lag_seconds gauge");
+        let _ = writeln!(
+            out,
+            "opencti_threatbus_stream_lag_seconds {:.3}",
+            now.saturating_sub(ms) as f64 / 1000.0
+        );
     }
 }
 

@@ -403,3 +403,65 @@ fn wait_with_timeout(child: &mut Child, limit: Duration) -> Option<i32> {
     let _ = child.kill();
     None
 }
+
+#[test]
+fn the_daemon_serves_prometheus_metrics_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path());
+    fill(&store);
+    drop(store);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut daemon = Command::new(BIN)
+        .arg("run")
+        .env_clear()
+        .envs(daemon_env(dir.path()))
+        .env("CONNECTOR_EXPOSE_METRICS", "true")
+        .env("CONNECTOR_METRICS_PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(dir.path());
+    let body = http_get(port, "/metrics");
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert_eq!(
+        wait_with_timeout(&mut daemon, Duration::from_secs(10)),
+        Some(0)
+    );
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(
+        body.contains("opencti_threatbus_queue_depth{queue=\"indicators\"} 3"),
+        "{body}"
+    );
+    assert!(
+        body.contains("opencti_threatbus_queue_depth{queue=\"dead\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE opencti_threatbus_delivered_total counter"),
+        "{body}"
+    );
+    assert!(
+        body.contains("opencti_threatbus_stream_lag_seconds"),
+        "{body}"
+    );
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+            let mut body = String::new();
+            stream.read_to_string(&mut body).unwrap();
+            return body;
+        }
+        assert!(Instant::now() < deadline, "metrics port never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
