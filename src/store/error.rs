@@ -41,6 +41,10 @@ pub enum StoreError {
     #[error("the store was closed before the write was confirmed durable")]
     Closed,
 
+    /// A record could not be encoded (bincode fails only on unsupported types or limits).
+    #[error("encoding a store record failed: {0}")]
+    Encode(#[from] bincode::Error),
+
     /// Only the indicator queue carries the stream position.
     #[error("a stream position can only be stored with the indicator queue")]
     PositionOnSightings,

@@ -183,7 +183,7 @@ impl Store {
         let first = range.next_seq.load(Ordering::Relaxed);
         for (i, payload) in payloads.into_iter().enumerate() {
             let envelope = Envelope::new(payload, now);
-            batch.insert(&item_key(queue.tag(), first + i as u64), encode(&envelope));
+            batch.insert(&item_key(queue.tag(), first + i as u64), encode(&envelope)?);
         }
         let parked_count = parked.len();
         let first_dead = self.dead.next_seq.load(Ordering::Relaxed);
@@ -195,7 +195,7 @@ impl Store {
                 reason,
                 envelope: Envelope::new(payload, now),
             };
-            batch.insert(&item_key(TAG_DEAD, first_dead + i as u64), encode(&letter));
+            batch.insert(&item_key(TAG_DEAD, first_dead + i as u64), encode(&letter)?);
         }
         if let Some(position) = position {
             batch.insert(META_STREAM_POSITION, position.as_bytes());
@@ -389,12 +389,17 @@ impl Store {
         let updated = self
             .tree
             .update_and_fetch(item_key(queue.tag(), key), |old| {
-                let mut envelope: Envelope = decode(old?).ok()?;
+                // Returning None would delete the record: a record this code cannot read
+                // or write is kept as it is (the next scan parks it as undecodable).
+                let old = old?;
+                let Ok(mut envelope) = decode::<Envelope>(old) else {
+                    return Some(old.to_vec());
+                };
                 before = Some(envelope.attempts);
                 envelope.attempts = envelope.attempts.saturating_add(1);
                 envelope.next_attempt_ms = next_attempt_ms;
                 envelope.last_error = Some(error.to_string());
-                Some(encode(&envelope))
+                Some(encode(&envelope).unwrap_or_else(|_| old.to_vec()))
             })?;
         let Some(updated) = updated else {
             return Ok(None);
@@ -454,7 +459,7 @@ impl Store {
         };
         let mut batch = sled::Batch::default();
         batch.remove(&item_key(queue.tag(), key));
-        batch.insert(&item_key(TAG_DEAD, seq), encode(&letter));
+        batch.insert(&item_key(TAG_DEAD, seq), encode(&letter)?);
         self.tree.apply_batch(batch)?;
         self.dead.next_seq.store(seq + 1, Ordering::Relaxed);
         self.dead.len.fetch_add(1, Ordering::Relaxed);
@@ -478,7 +483,7 @@ impl Store {
             envelope.last_error = None;
             let mut batch = sled::Batch::default();
             batch.remove(&item_key(TAG_DEAD, dead.key));
-            batch.insert(&item_key(queue.tag(), seq), encode(&envelope));
+            batch.insert(&item_key(queue.tag(), seq), encode(&envelope)?);
             self.tree.apply_batch(batch)?;
             range.next_seq.store(seq + 1, Ordering::Relaxed);
             range.len.fetch_add(1, Ordering::Relaxed);
@@ -617,4 +622,46 @@ fn meta_key(name: &str) -> Vec<u8> {
 
 fn lock(mutex: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_undecodable_record_is_parked_never_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        drop(
+            store
+                .enqueue(Queue::Sightings, vec![b"{}".to_vec()], None)
+                .unwrap(),
+        );
+        let garbage = vec![0xff; 3];
+        store
+            .tree
+            .insert(item_key(Queue::Sightings.tag(), 0), garbage.clone())
+            .unwrap();
+        // A retry of an unreadable record leaves it alone...
+        assert_eq!(store.reschedule(Queue::Sightings, 0, 5, "x").unwrap(), None);
+        // ...and the next read moves it to the dead letters, bytes intact.
+        assert!(store.scan(Queue::Sightings, None, 10).unwrap().is_empty());
+        let dead = store.dead_letters(None, 10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].letter.envelope.payload, garbage);
+        assert_eq!(dead[0].letter.original_key, Some(0));
+        assert!(dead[0].letter.reason.starts_with("undecodable record"));
+        assert_eq!((store.len(Queue::Sightings), store.dead_len()), (0, 1));
+    }
+
+    #[test]
+    fn a_position_goes_only_with_the_indicator_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let err = store
+            .enqueue(Queue::Sightings, vec![], Some("1-0"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::PositionOnSightings));
+    }
 }

@@ -125,10 +125,8 @@ pub(crate) fn key_seq(key: &[u8]) -> Option<u64> {
     (key.len() == 9).then(|| u64::from_be_bytes(bytes))
 }
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serializing these plain structs into a Vec cannot fail: bincode only errors on
-    // writer failures, size limits (none set) and unsupported types (none used).
-    bincode::serialize(value).unwrap_or_default()
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::Error> {
+    bincode::serialize(value)
 }
 
 pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, bincode::Error> {
