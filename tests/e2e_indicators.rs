@@ -10,7 +10,7 @@ use std::time::Duration;
 use opencti_threatbus::store::{Store, StoreOptions};
 use serde_json::Value;
 use support::bridge::{Bridge, BridgeEnv, TOKEN};
-use support::opencti::{tlp_marking, Indicator, OpenCti};
+use support::opencti::{organization, tlp_marking, Indicator, OpenCti, Then};
 use support::opencti_graphql::GraphqlDouble;
 use support::proxy::Proxy;
 use support::threatbus::{TestApp, ThreatBus};
@@ -76,8 +76,14 @@ impl World {
     /// deletes (REMOVE), and non-indicator events.
     fn append_mix(&mut self, rounds: usize) {
         for _ in 0..rounds {
+            // With its marking and author as dependency events sharing its id.
             let on = Indicator::ipv4(&self.next_ip());
-            self.opencti.append_indicator_create(&on);
+            let deps = [
+                tlp_marking("TLP:GREEN", 1_700_000_000_000),
+                organization("ACME CERT", 1_700_000_000_000),
+            ];
+            self.opencti
+                .append_dependency_then(&deps, Then::Create(&on));
             self.expected.push((on.stix_id.clone(), None));
 
             let off =
@@ -220,6 +226,9 @@ fn a_threatbus_restart_loses_nothing() {
 #[test]
 fn bridge_sigkilled_at_random_moments_loses_nothing() {
     let mut world = World::new();
+    // Kills land between dependency events, heartbeats and their event too (SPEC §2.2).
+    world.opencti.set_heartbeat_inside_dependencies(true);
+    world.opencti.set_event_delay(Duration::from_millis(2));
     let app = TestApp::subscribe(world.bus.manage_port, &["stix2/indicator"]);
     let env = world.env(world.bus.manage_port);
     let window: usize = 100;

@@ -390,3 +390,43 @@ async fn a_full_outbox_pauses_the_stream_and_loses_nothing() {
     assert_eq!(seen, expected);
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dependency_events_and_heartbeats_among_them_never_advance_the_position() {
+    let double = OpenCti::start();
+    let history = with_history(&double);
+    // Slow, so the reader commits between the dependencies and their event; a heartbeat
+    // carrying the event's id comes in between too, as OpenCTI can send one.
+    double.set_event_delay(Duration::from_millis(150));
+    double.set_heartbeat_inside_dependencies(true);
+    let run = start(&double, reader_config(1000), resume_at(history.clone()));
+    let indicator = Indicator::ipv4("192.0.2.77");
+    let deps = [
+        tlp_marking("TLP:GREEN", 1_700_000_000_000),
+        organization("ACME", 1_700_000_000_000),
+    ];
+    let id = double.append_dependency_then(&deps, Then::Create(&indicator));
+    let deadline = Instant::now() + WAIT;
+    let mut positions = vec![];
+    loop {
+        // Read the item count first: an item is always written with (or before) its position.
+        let queued = run.store.len(Queue::Indicators);
+        let position = run.store.position().unwrap();
+        if positions.last() != Some(&position) {
+            positions.push(position.clone());
+        }
+        if position.as_deref() == Some(id.as_str()) {
+            assert_eq!(
+                queued, 1,
+                "the position reached {id} before its event was stored: {positions:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reached {id}: {positions:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    run.stop().await;
+}

@@ -1665,6 +1665,10 @@ impl Connection {
                     }
                     if dependencies_sent && self.plan.heartbeat_inside_dependencies {
                         self.send_heartbeat(entry.id).await?;
+                        // The timer fired while OpenCTI was still resolving: time passes.
+                        if !self.plan.event_delay.is_zero() {
+                            tokio::time::sleep(self.plan.event_delay).await;
+                        }
                     }
                     self.send_event(entry.id, &frame.bytes).await?;
                     self.sent.insert(stix_id.clone());
