@@ -430,3 +430,40 @@ async fn dependency_events_and_heartbeats_among_them_never_advance_the_position(
     }
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silence_past_the_stream_timeout_means_reconnect() {
+    let double = OpenCti::start();
+    double.set_heartbeat_interval(Duration::from_secs(3600));
+    let history = with_history(&double);
+    let mut config = reader_config(1000);
+    config.stream_timeout = Duration::from_millis(300);
+    let run = start(&double, config, resume_at(history));
+    until("a reconnection after silence", || {
+        double.request_count() >= 3
+    })
+    .await;
+    assert!(run.metrics.stream_reconnects.get() >= 2);
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_live_stream_is_retried_slowly_until_started() {
+    let double = OpenCti::start();
+    let history = with_history(&double);
+    double.stop_live_stream("live");
+    let run = start(&double, reader_config(1000), resume_at(history));
+    until("two refused connections", || double.request_count() >= 2).await;
+    let times: Vec<Instant> = double.requests().iter().map(|r| r.at).collect();
+    assert!(
+        times[1] - times[0] >= Duration::from_millis(350),
+        "410 retried too fast"
+    );
+    double.start_live_stream("live");
+    let id = double.append_indicator_create(&Indicator::ipv4("203.0.113.10"));
+    until("the stream once started", || {
+        run.store.position().unwrap().as_deref() == Some(id.as_str())
+    })
+    .await;
+    run.stop().await;
+}
