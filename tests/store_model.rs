@@ -324,6 +324,15 @@ fn check(store: &Store, model: &Model) {
                 .map(|(k, _)| *k)
                 .collect();
             assert_eq!(ready, want, "{queue} ready at {now}");
+            // The drainer's refill: the first two ready items, passing over every other key.
+            let except: Vec<u64> = store
+                .next_ready_except(queue, now, 2, |key| key % 2 == 1)
+                .unwrap()
+                .iter()
+                .map(|i| i.key)
+                .collect();
+            let want: Vec<u64> = want.into_iter().filter(|k| k % 2 == 0).take(2).collect();
+            assert_eq!(except, want, "{queue} ready at {now}, odd keys skipped");
         }
 
         // Paging with a cursor sees the same sequence as one scan.

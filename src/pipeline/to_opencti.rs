@@ -132,14 +132,12 @@ impl ToOpenCti {
         if room == 0 {
             return Ok(());
         }
-        let ready =
-            self.store
-                .next_ready(Queue::Sightings, None, now_ms(), room + claimed.len())?;
-        let fresh: Vec<Item> = ready
-            .into_iter()
-            .filter(|i| !claimed.contains_key(&i.key))
-            .take(room)
-            .collect();
+        // The requests in flight are (mostly) the oldest items: passed over, not decoded.
+        let fresh = self
+            .store
+            .next_ready_except(Queue::Sightings, now_ms(), room, |key| {
+                claimed.contains_key(&key)
+            })?;
         for item in fresh {
             let Some(input) = self.input(&item, organization)? else {
                 continue;

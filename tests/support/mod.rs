@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bridge;
+pub mod fakebus;
 pub mod opencti;
 pub mod opencti_graphql;
 pub mod proxy;
