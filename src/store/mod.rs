@@ -190,7 +190,13 @@ impl Store {
         self.dead
             .len
             .fetch_add(parked_count as u64, Ordering::Relaxed);
-        Ok(self.commit.register(items + parked_count))
+        let durable = self.commit.register(items + parked_count);
+        if items > 0 {
+            // Wake the queue's drainer now (visible is enough: an item lost in a crash
+            // before the flush is read again from the stream, its position with it).
+            self.arrivals[queue_index(queue)].notify_one();
+        }
+        Ok(durable)
     }
 
     /// Advances the stream position alone (an event that carries no indicator).
