@@ -397,3 +397,20 @@ proptest! {
         }
     }
 }
+
+/// A write wakes its queue's drainer at once (`Store::notified`), whether or not the
+/// drainer waits yet; without it the drainers find new items only at their idle poll.
+#[tokio::test]
+async fn a_write_wakes_the_queue_drainer() {
+    for queue in [Queue::Indicators, Queue::Sightings] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &options()).unwrap();
+        let waiting = store.notified(queue);
+        drop(store.enqueue(queue, vec![b"{}".to_vec()], None).unwrap());
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(1), waiting).await;
+        assert!(woken.is_ok(), "{queue}: a waiting drainer was not woken");
+        drop(store.enqueue(queue, vec![b"{}".to_vec()], None).unwrap());
+        let later = tokio::time::timeout(std::time::Duration::from_secs(1), store.notified(queue));
+        assert!(later.await.is_ok(), "{queue}: the wake-up was lost");
+    }
+}

@@ -54,6 +54,7 @@ use axum::extract::{Path, RawQuery, State as AppState};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -530,8 +531,17 @@ impl OpenCti {
                     .build()
                     .expect("the double's runtime");
                 runtime.block_on(async move {
-                    let listener =
-                        tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                    // TCP_NODELAY, as OpenCTI's Node.js server (`noDelay` defaults to true
+                    // since Node 18): with Nagle's algorithm a live event written while the
+                    // previous one is unacknowledged waits for the client's delayed ACK
+                    // (up to ~40 ms on Linux).
+                    let listener = tokio::net::TcpListener::from_std(listener)
+                        .expect("tokio listener")
+                        .tap_io(|tcp| {
+                            if let Err(e) = tcp.set_nodelay(true) {
+                                eprintln!("OpenCTI double: TCP_NODELAY: {e}");
+                            }
+                        });
                     tokio::select! {
                         result = axum::serve(listener, app) => {
                             if let Err(e) = result {

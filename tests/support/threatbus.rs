@@ -120,6 +120,11 @@ impl ThreatBus {
         self.spawn();
     }
 
+    /// The process id of the running Threat Bus (for CPU accounting in the benches).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
