@@ -23,6 +23,11 @@ enum Op {
         queue: Queue,
         idx: usize,
     },
+    /// Several keys at once, some possibly repeated or already gone.
+    AckMany {
+        queue: Queue,
+        idxs: Vec<usize>,
+    },
     Reschedule {
         queue: Queue,
         idx: usize,
@@ -57,6 +62,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => queue().prop_map(|queue| Op::Park { queue }),
         1 => Just(Op::SetPosition),
         3 => (queue(), any::<usize>()).prop_map(|(queue, idx)| Op::Ack { queue, idx }),
+        1 => (queue(), proptest::collection::vec(any::<usize>(), 0..5))
+            .prop_map(|(queue, idxs)| Op::AckMany { queue, idxs }),
         2 => (queue(), any::<usize>(), 0..3000u64)
             .prop_map(|(queue, idx, at)| Op::Reschedule { queue, idx, at }),
         2 => (queue(), any::<usize>()).prop_map(|(queue, idx)| Op::DeadLetter { queue, idx }),
@@ -203,6 +210,20 @@ fn apply(slot: &mut Option<Store>, model: &mut Model, op: &Op, dir: &std::path::
             let pos = format!("{}-1", model.counter);
             store.set_position(&pos).unwrap().wait_blocking().unwrap();
             model.position = Some(pos);
+        }
+        Op::AckMany { queue, ref idxs } => {
+            let mut keys: Vec<u64> = idxs
+                .iter()
+                .filter_map(|i| model.key_at(queue, *i))
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let mut asked = keys.clone();
+            asked.push(999_999); // never there
+            assert_eq!(store.ack_many(queue, &asked).unwrap(), keys.len());
+            for key in keys {
+                model.queues.get_mut(&queue).unwrap().remove(&key);
+            }
         }
         Op::Ack { queue, idx } => {
             let Some(key) = model.key_at(queue, idx) else {

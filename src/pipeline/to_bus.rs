@@ -22,6 +22,8 @@ use crate::threatbus::{LinkState, Publisher};
 
 /// Topic the bridge publishes indicators on.
 const INDICATOR_TOPIC: &str = "stix2/indicator";
+/// The most indicators a saturated window waits to have room for before it refills.
+const MAX_REFILL_BATCH: usize = 32;
 /// How often an idle drainer looks at the outbox even without a wake-up (belt and braces:
 /// every enqueue also notifies it).
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -128,6 +130,9 @@ impl ToBus {
 
     /// Sends outbox items after the cursor until the window is full.
     async fn fill_window(&mut self) -> Result<(), StoreError> {
+        if !self.can_refill() {
+            return Ok(());
+        }
         while self.inflight.len() < self.config.window {
             let room = self.config.window - self.inflight.len();
             let items = self.store.scan(Queue::Indicators, self.cursor, room)?;
@@ -165,6 +170,13 @@ impl ToBus {
             }
         }
         Ok(())
+    }
+
+    /// Under load, refill in batches: one store scan and one hand-off to the socket thread
+    /// per batch of indicators, not per echo. A window with nothing in flight refills at once.
+    fn can_refill(&self) -> bool {
+        let refill = (self.config.window / 8).clamp(1, MAX_REFILL_BATCH);
+        self.inflight.is_empty() || self.config.window - self.inflight.len() >= refill
     }
 
     /// Turns an outbox item into a frame, or dead-letters it if it cannot be confirmed.
@@ -212,7 +224,7 @@ impl ToBus {
         state: &mut watch::Receiver<LinkState>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), StoreError> {
-        let window_full = self.inflight.len() >= self.config.window;
+        let window_full = !self.can_refill();
         let deadline = self.head_deadline();
         let notified = self.store.notified(Queue::Indicators);
         let timed_out = tokio::select! {
@@ -220,11 +232,14 @@ impl ToBus {
             _ = state.changed() => false,
             echo = self.echoes.recv() => {
                 if let Some(echo) = echo {
-                    self.on_echo(&echo)?;
-                    // Drain what else has arrived, without waiting.
+                    // Settle what else has arrived too, in one store write.
+                    let mut confirmed = Vec::new();
+                    self.on_echo(&echo, &mut confirmed);
                     while let Ok(echo) = self.echoes.try_recv() {
-                        self.on_echo(&echo)?;
+                        self.on_echo(&echo, &mut confirmed);
                     }
+                    let settled = self.store.ack_many(Queue::Indicators, &confirmed)?;
+                    self.metrics.indicators.delivered.add(settled as u64);
                 }
                 false
             }
@@ -250,11 +265,13 @@ impl ToBus {
             .max(self.config.retry.delay_after(attempts))
     }
 
-    fn on_echo(&mut self, echo: &EchoKey) -> Result<(), StoreError> {
+    /// Matches an echo to the oldest in-flight indicator with its key; its outbox key goes
+    /// to `confirmed`.
+    fn on_echo(&mut self, echo: &EchoKey, confirmed: &mut Vec<u64>) {
         match self.inflight.iter().position(|i| &i.echo == echo) {
             Some(index) => {
                 if let Some(inflight) = self.inflight.remove(index) {
-                    self.settle(inflight.key)?;
+                    confirmed.push(inflight.key);
                 }
             }
             // A late duplicate of one already confirmed, or another app's indicator.
@@ -262,7 +279,6 @@ impl ToBus {
                 tracing::trace!(id = %echo.id, "indicator from Threat Bus matches nothing in flight")
             }
         }
-        Ok(())
     }
 
     async fn on_timeout(&mut self) -> Result<(), StoreError> {
