@@ -232,7 +232,7 @@ impl ToBus {
             _ = state.changed() => false,
             echo = self.echoes.recv() => {
                 if let Some(echo) = echo {
-                    // Settle what else has arrived too, in one store write.
+                    // Settle what else has arrived too.
                     let mut confirmed = Vec::new();
                     self.on_echo(&echo, &mut confirmed);
                     while let Ok(echo) = self.echoes.try_recv() {

@@ -404,31 +404,17 @@ impl Store {
         Ok(true)
     }
 
-    /// Removes several delivered items in one write (one log entry for sled instead of one
-    /// per item). Returns how many were there.
+    /// Removes several delivered items. Plain removes, not one batch: an ack needs no
+    /// atomicity with anything, and every sled batch seals an I/O buffer, which wakes all
+    /// of sled's I/O threads. Returns how many were there.
     pub fn ack_many(&self, queue: Queue, keys: &[u64]) -> Result<usize, StoreError> {
-        let range = self.range(queue);
-        let mut keys = keys.to_vec();
-        keys.sort_unstable();
-        keys.dedup();
-        let mut batch = sled::Batch::default();
-        let (mut found, mut retrying) = (0u64, 0u64);
-        for key in keys {
-            let qkey = item_key(queue.tag(), key);
-            if let Some(old) = self.tree.get(qkey)? {
+        let mut found = 0;
+        for &key in keys {
+            if self.ack(queue, key)? {
                 found += 1;
-                if decode::<EnvelopeHead>(&old).is_ok_and(|h| h.attempts > 0) {
-                    retrying += 1;
-                }
-                batch.remove(&qkey);
             }
         }
-        if found > 0 {
-            self.tree.apply_batch(batch)?;
-            range.len.fetch_sub(found, Ordering::Relaxed);
-            range.retrying.fetch_sub(retrying, Ordering::Relaxed);
-        }
-        Ok(found as usize)
+        Ok(found)
     }
 
     /// Records a failed attempt: bumps `attempts`, sets the next attempt time and the error.
