@@ -20,8 +20,47 @@ impl Counter {
     }
 }
 
+/// Upper bounds (seconds) of the delivery-latency buckets: from a quick local delivery to
+/// an item that waited out an outage of an hour.
+const LATENCY_BUCKETS_S: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0, 3600.0,
+];
+
+/// A Prometheus histogram of delivery latency: receipt by the bridge → confirmed delivery.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Cumulative counts per bucket of `LATENCY_BUCKETS_S`.
+    buckets: [Counter; LATENCY_BUCKETS_S.len()],
+    count: Counter,
+    sum_ms: Counter,
+}
+
+impl Histogram {
+    pub fn observe_ms(&self, ms: u64) {
+        let seconds = ms as f64 / 1000.0;
+        for (bound, bucket) in LATENCY_BUCKETS_S.iter().zip(&self.buckets) {
+            if seconds <= *bound {
+                bucket.inc();
+            }
+        }
+        self.count.inc();
+        self.sum_ms.add(ms);
+    }
+
+    /// Observes the latency of an item received at `received_at_ms`.
+    pub fn observe_since(&self, received_at_ms: u64) {
+        self.observe_ms(crate::store::now_ms().saturating_sub(received_at_ms));
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.get()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct QueueCounters {
+    /// Receipt → confirmed delivery.
+    pub latency: Histogram,
     pub received: Counter,
     pub delivered: Counter,
     pub retried: Counter,
@@ -107,6 +146,7 @@ impl Metrics {
             store.dead_len()
         );
         render_ages(&mut out, store);
+        self.render_latency(&mut out);
         for (name, help, value) in [
             (
                 "stream_events_total",
@@ -134,6 +174,38 @@ impl Metrics {
             let _ = writeln!(out, "opencti_threatbus_{name} {value}");
         }
         out
+    }
+}
+
+impl Metrics {
+    fn render_latency(&self, out: &mut String) {
+        let name = "opencti_threatbus_delivery_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From receipt by the bridge to confirmed delivery."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for queue in Queue::ALL {
+            let h = &self.queue(queue).latency;
+            for (bound, bucket) in LATENCY_BUCKETS_S.iter().zip(&h.buckets) {
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{queue=\"{queue}\",le=\"{bound}\"}} {}",
+                    bucket.get()
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{queue=\"{queue}\",le=\"+Inf\"}} {}",
+                h.count.get()
+            );
+            let _ = writeln!(
+                out,
+                "{name}_sum{{queue=\"{queue}\"}} {:.3}",
+                h.sum_ms.get() as f64 / 1000.0
+            );
+            let _ = writeln!(out, "{name}_count{{queue=\"{queue}\"}} {}", h.count.get());
+        }
     }
 }
 
@@ -237,4 +309,21 @@ async fn answer(
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_cumulative() {
+        let h = Histogram::default();
+        for ms in [3, 40, 40, 7_000, 10_000_000] {
+            h.observe_ms(ms);
+        }
+        let counts: Vec<u64> = h.buckets.iter().map(Counter::get).collect();
+        assert_eq!(counts, vec![1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4]);
+        assert_eq!(h.count(), 5);
+        assert_eq!(h.sum_ms.get(), 10_007_083);
+    }
 }

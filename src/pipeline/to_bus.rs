@@ -39,6 +39,8 @@ pub struct ToBusConfig {
 
 struct InFlight {
     key: u64,
+    /// When the bridge read it from the stream, for the delivery-latency histogram.
+    received_at_ms: u64,
     echo: EchoKey,
     frame: String,
     attempts: u32,
@@ -199,6 +201,7 @@ impl ToBus {
             echo,
             frame: format!("{INDICATOR_TOPIC} {json}"),
             attempts: item.envelope.attempts,
+            received_at_ms: item.envelope.received_at_ms,
             sent_at: Instant::now(),
         }))
     }
@@ -206,6 +209,10 @@ impl ToBus {
     fn ack_all_sent(&mut self) -> Result<(), StoreError> {
         while let Some(inflight) = self.inflight.pop_front() {
             self.settle(inflight.key)?;
+            self.metrics
+                .indicators
+                .latency
+                .observe_since(inflight.received_at_ms);
         }
         Ok(())
     }
@@ -272,6 +279,10 @@ impl ToBus {
             Some(index) => {
                 if let Some(inflight) = self.inflight.remove(index) {
                     confirmed.push(inflight.key);
+                    self.metrics
+                        .indicators
+                        .latency
+                        .observe_since(inflight.received_at_ms);
                 }
             }
             // A late duplicate of one already confirmed, or another app's indicator.

@@ -81,7 +81,8 @@ impl ToOpenCti {
         };
         self.status.set("to_opencti", "forwarding");
         let mut running: JoinSet<Outcome> = JoinSet::new();
-        let mut claimed: HashMap<u64, u32> = HashMap::new();
+        // Outbox key → (attempts so far, received at ms) of each request in flight.
+        let mut claimed: HashMap<u64, (u32, u64)> = HashMap::new();
         let mut refresh_organization = false;
         loop {
             if std::mem::take(&mut refresh_organization) {
@@ -107,7 +108,10 @@ impl ToOpenCti {
                 }
                 Some(done) = running.join_next() => {
                     if let Ok((key, result)) = done {
-                        let attempts = claimed.remove(&key).unwrap_or(0);
+                        let (attempts, received_at_ms) = claimed.remove(&key).unwrap_or((0, 0));
+                        if result.is_ok() {
+                            self.metrics.sightings.latency.observe_since(received_at_ms);
+                        }
                         refresh_organization |= self.settle(key, attempts, result, &organization)?;
                     }
                 }
@@ -125,7 +129,7 @@ impl ToOpenCti {
     fn fill(
         &self,
         running: &mut JoinSet<Outcome>,
-        claimed: &mut HashMap<u64, u32>,
+        claimed: &mut HashMap<u64, (u32, u64)>,
         organization: &str,
     ) -> Result<(), StoreError> {
         let room = self.config.concurrency.saturating_sub(running.len());
@@ -142,7 +146,10 @@ impl ToOpenCti {
             let Some(input) = self.input(&item, organization)? else {
                 continue;
             };
-            claimed.insert(item.key, item.envelope.attempts);
+            claimed.insert(
+                item.key,
+                (item.envelope.attempts, item.envelope.received_at_ms),
+            );
             let client = Arc::clone(&self.client);
             let key = item.key;
             running.spawn(async move { (key, client.create_sighting(&input).await) });
