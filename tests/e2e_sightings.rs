@@ -89,9 +89,7 @@ fn sightings_become_relationships_with_the_right_fields() {
     let mut world = World::new();
     let mut bridge = Bridge::start(world.env());
     bridge.wait_healthy(WAIT);
-    bridge.until("the bridge's subscription", WAIT, || {
-        bridge.log_text().contains("subscribed to Threat Bus")
-    });
+    bridge.wait_subscribed(WAIT);
     let sightings: Vec<Value> = (0..40).map(|i| world.sighting(i)).collect();
     world.publish(&sightings);
     bridge.until("40 relationships", WAIT, || {
@@ -139,9 +137,7 @@ fn an_opencti_outage_delays_but_loses_nothing() {
     let mut world = World::new();
     let mut bridge = Bridge::start(world.env());
     bridge.wait_healthy(WAIT);
-    bridge.until("the bridge's subscription", WAIT, || {
-        bridge.log_text().contains("subscribed to Threat Bus")
-    });
+    bridge.wait_subscribed(WAIT);
     let first: Vec<Value> = (0..10).map(|i| world.sighting(i)).collect();
     world.publish(&first);
     bridge.until("the first sightings", WAIT, || {
@@ -197,9 +193,7 @@ fn sightings_durable_before_a_sigkill_all_land() {
     let env = world.env();
     let mut bridge = Bridge::start(env);
     bridge.wait_healthy(WAIT);
-    bridge.until("the bridge's subscription", WAIT, || {
-        bridge.log_text().contains("subscribed to Threat Bus")
-    });
+    bridge.wait_subscribed(WAIT);
     let mut must_land = Vec::new();
     let mut all = Vec::new();
     for round in 0..4 {
@@ -219,9 +213,9 @@ fn sightings_durable_before_a_sigkill_all_land() {
         let extra: Vec<Value> = (30..45).map(|i| world.sighting(round * 100 + i)).collect();
         world.publish(&extra[..8]);
         bridge.restart(); // SIGKILL mid-stream, start again
-        world.publish(&extra[8..]);
+        world.publish(&extra[8..]); // to the dead subscription: Threat Bus cannot tell
         all.extend(extra.iter().map(id_of));
-        bridge.wait_healthy(WAIT);
+        bridge.wait_subscribed(WAIT);
     }
     world.double().set_bad_gateway(false);
     bridge.until("every durable sighting", WAIT, || {
@@ -244,9 +238,7 @@ fn a_poison_sighting_is_dead_lettered_and_can_be_requeued() {
     let env = world.env().set("BRIDGE_MAX_ATTEMPTS", "3");
     let mut bridge = Bridge::start(env);
     bridge.wait_healthy(WAIT);
-    bridge.until("the bridge's subscription", WAIT, || {
-        bridge.log_text().contains("subscribed to Threat Bus")
-    });
+    bridge.wait_subscribed(WAIT);
     // A sighting of an indicator OpenCTI does not know: a missing reference.
     let unknown = format!("indicator--{}", uuid::Uuid::new_v4());
     let poison = sample_sighting(&unknown);

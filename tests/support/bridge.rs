@@ -192,6 +192,31 @@ impl Bridge {
         }
     }
 
+    /// Waits until the running bridge reports its Threat Bus link ready (`health`): only
+    /// then does Threat Bus route anything to it — what is published before is lost.
+    pub fn wait_subscribed(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let out = Command::new(BIN)
+                .args(["health", "--data-dir"])
+                .arg(self.env.data_dir())
+                .env_clear()
+                .output()
+                .expect("health");
+            let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if health["components"]["threatbus"] == "ready" {
+                return;
+            }
+            assert!(self.running(), "the bridge exited:\n{}", self.log_tail(60));
+            assert!(
+                Instant::now() < deadline,
+                "the bridge never subscribed:\n{}",
+                self.log_tail(60)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The last `lines` lines the bridge logged (all runs), without the stream reader's
     /// reconnection chatter (tests that use no stream would see nothing else).
     pub fn log_tail(&self, lines: usize) -> String {
