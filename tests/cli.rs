@@ -306,13 +306,14 @@ fn daemon_env(data_dir: &Path) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn start_daemon(dir: &Path) -> Child {
+fn start_daemon(dir: &Path, extra_env: &[(&str, String)]) -> Child {
     Command::new(BIN)
         .arg("run")
         .env_clear()
         .envs(daemon_env(dir))
+        .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null()) // never read: a full pipe would block the daemon
         .spawn()
         .unwrap()
 }
@@ -346,7 +347,7 @@ fn inspect_and_maintain_through_a_running_daemon() {
         "no daemon yet"
     );
 
-    let mut daemon = start_daemon(dir.path());
+    let mut daemon = start_daemon(dir.path(), &[]);
     wait_healthy(dir.path());
     let report = inspect_json(dir.path(), &[]);
     assert_eq!(report["source"], "daemon");
@@ -415,16 +416,13 @@ fn the_daemon_serves_prometheus_metrics_when_asked() {
         .local_addr()
         .unwrap()
         .port();
-    let mut daemon = Command::new(BIN)
-        .arg("run")
-        .env_clear()
-        .envs(daemon_env(dir.path()))
-        .env("CONNECTOR_EXPOSE_METRICS", "true")
-        .env("CONNECTOR_METRICS_PORT", port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = start_daemon(
+        dir.path(),
+        &[
+            ("CONNECTOR_EXPOSE_METRICS", "true".to_string()),
+            ("CONNECTOR_METRICS_PORT", port.to_string()),
+        ],
+    );
     wait_healthy(dir.path());
     let body = http_get(port, "/metrics");
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };

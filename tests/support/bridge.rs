@@ -171,6 +171,24 @@ impl Bridge {
 
     /// Waits until `health` answers (the daemon is up and serving its socket).
     pub fn wait_healthy(&mut self, limit: Duration) {
+        self.wait_health("became healthy", limit, |_| true);
+    }
+
+    /// Waits until the running bridge reports its Threat Bus link ready (`health`): only
+    /// then does Threat Bus route anything to it — what is published before is lost.
+    pub fn wait_subscribed(&mut self, limit: Duration) {
+        self.wait_health("subscribed", limit, |health| {
+            health["components"]["threatbus"] == "ready"
+        });
+    }
+
+    /// Polls `health` until it answers with what `accept` wants; fails if the bridge exits.
+    fn wait_health(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        accept: impl Fn(&serde_json::Value) -> bool,
+    ) {
         let deadline = Instant::now() + limit;
         loop {
             let out = Command::new(BIN)
@@ -180,37 +198,15 @@ impl Bridge {
                 .output()
                 .expect("health");
             if out.status.success() {
-                return;
+                let health = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                if accept(&health) {
+                    return;
+                }
             }
             assert!(self.running(), "the bridge exited:\n{}", self.log_tail(60));
             assert!(
                 Instant::now() < deadline,
-                "the bridge never became healthy:\n{}",
-                self.log_tail(60)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits until the running bridge reports its Threat Bus link ready (`health`): only
-    /// then does Threat Bus route anything to it — what is published before is lost.
-    pub fn wait_subscribed(&mut self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let out = Command::new(BIN)
-                .args(["health", "--data-dir"])
-                .arg(self.env.data_dir())
-                .env_clear()
-                .output()
-                .expect("health");
-            let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            if health["components"]["threatbus"] == "ready" {
-                return;
-            }
-            assert!(self.running(), "the bridge exited:\n{}", self.log_tail(60));
-            assert!(
-                Instant::now() < deadline,
-                "the bridge never subscribed:\n{}",
+                "the bridge never {what}:\n{}",
                 self.log_tail(60)
             );
             std::thread::sleep(Duration::from_millis(50));
