@@ -72,8 +72,6 @@ pub struct QueueCounters {
 pub struct Metrics {
     pub indicators: QueueCounters,
     pub sightings: QueueCounters,
-    /// Stream events parked as dead letters on arrival.
-    pub dead: Counter,
     pub stream_events: Counter,
     pub stream_reconnects: Counter,
     pub stream_gaps: Counter,

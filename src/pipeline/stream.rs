@@ -386,7 +386,8 @@ impl StreamReader {
 
     fn park(&self, event: &SseEvent, reason: String, batch: &mut Batch) {
         tracing::warn!(id = ?event.id, %reason, "stream event parked as a dead letter");
-        self.metrics.dead.inc();
+        // An indicator dead letter like any other: counted where the exporter reads it.
+        self.metrics.indicators.dead.inc();
         batch.parked.push((event.data.clone().into_bytes(), reason));
     }
 
