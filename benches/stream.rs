@@ -20,8 +20,8 @@ use opencti_threatbus::admin::Status;
 use opencti_threatbus::config::Secret;
 use opencti_threatbus::metrics::Metrics;
 use opencti_threatbus::opencti::{StreamClient, StreamConfig};
-use opencti_threatbus::pipeline::retry::RetryPolicy;
 use opencti_threatbus::pipeline::stream::{ReaderConfig, StreamReader};
+use opencti_threatbus::retry::RetryPolicy;
 use opencti_threatbus::store::{Queue, Store, StoreOptions};
 use support::opencti::{Indicator, OpenCti};
 

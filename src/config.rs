@@ -117,6 +117,8 @@ pub struct ThreatBusConfig {
     pub zmq_port: u16,
     pub snapshot_days: u32,
     pub confirm_delivery: ConfirmDelivery,
+    /// Snapshot answers: frames per second at most (`threatbus.snapshot_rate`).
+    pub snapshot_rate: u32,
 }
 
 #[derive(Debug, Clone)]

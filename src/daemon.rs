@@ -15,10 +15,11 @@ use crate::opencti::graphql::{ConnectorRegistration, GraphqlClient};
 use crate::opencti::registration;
 use crate::opencti::stream::{StreamClient, StreamConfig};
 use crate::pipeline::intake::Intake;
-use crate::pipeline::retry::RetryPolicy;
+use crate::pipeline::snapshot::{SnapshotConfig, Snapshots};
 use crate::pipeline::stream::{ReaderConfig, StreamReader, DEFAULT_AUTH_RETRY};
 use crate::pipeline::to_bus::{ToBus, ToBusConfig};
 use crate::pipeline::to_opencti::{ToOpenCti, ToOpenCtiConfig};
+use crate::retry::RetryPolicy;
 use crate::store::{Queue, Store, StoreOptions};
 use crate::threatbus::{Link, LinkConfig, LinkState};
 
@@ -80,10 +81,12 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     ));
 
     let (echo_tx, echo_rx) = mpsc::unbounded_channel();
+    let (snapshot_tx, snapshot_rx) = mpsc::unbounded_channel();
     let intake = Intake::new(
         Arc::clone(&store),
         incoming,
         echo_tx,
+        snapshot_tx,
         config.bridge.sighting_queue_limit,
         Arc::clone(&metrics),
     );
@@ -107,6 +110,20 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     );
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(to_bus.run(stop).await?) });
+
+    let snapshots = Snapshots::new(
+        Arc::clone(&store),
+        link.publisher(),
+        link.state(),
+        snapshot_rx,
+        SnapshotConfig {
+            rate: config.threatbus.snapshot_rate,
+        },
+        Arc::clone(&status),
+        Arc::clone(&metrics),
+    );
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(snapshots.run(stop).await?) });
 
     let reader = StreamReader::new(
         StreamClient::new(&StreamConfig::from_config(&config))?,

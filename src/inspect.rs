@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Envelope, Queue, Store, StoreError};
+use crate::store::{CatalogSize, Envelope, Queue, Store, StoreError};
 
 /// Longest payload summary shown per item.
 const SUMMARY_CHARS: usize = 100;
@@ -55,6 +55,8 @@ pub struct Report {
     pub store_path: String,
     pub format_version: u32,
     pub stream_position: Option<String>,
+    /// What the bridge has told Threat Bus: active indicators and every id ever sent.
+    pub catalog: CatalogSize,
     pub queues: Vec<QueueStats>,
     pub items: Vec<ItemView>,
 }
@@ -118,6 +120,7 @@ pub fn report(
         store_path: store.path().display().to_string(),
         format_version: crate::store::CURRENT_FORMAT,
         stream_position: store.position()?,
+        catalog: store.catalog_size(),
         queues,
         items,
     })
@@ -234,6 +237,11 @@ pub fn render_table(report: &Report) -> String {
             .stream_position
             .as_deref()
             .unwrap_or("none (first start)")
+    );
+    let _ = writeln!(
+        out,
+        "Indicator catalog: {} active ({} ids forwarded, removed ones included)",
+        report.catalog.active, report.catalog.total
     );
     let _ = writeln!(out);
     let _ = writeln!(

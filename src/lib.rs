@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: the YAML file plus environment overrides, validated before anything starts.
 //! - [`store`]: the sled outbox: queues, dead letters, stream position, group commit.
+//! - [`retry`]: the backoff policy every retry loop shares (pipelines, registration, link).
 //! - [`opencti`]: the live-stream transport (SSE): one connection, its events, nothing more.
 //! - [`stix`]: pure mapping of stream events to indicators, and validation of sightings.
 //! - [`threatbus`]: the Threat Bus link (ZeroMQ): subscription, heartbeats, publish, receive.
@@ -25,6 +26,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod opencti;
 pub mod pipeline;
+pub mod retry;
 pub mod stix;
 pub mod store;
 pub mod threatbus;

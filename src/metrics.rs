@@ -76,6 +76,12 @@ pub struct Metrics {
     pub stream_reconnects: Counter,
     pub stream_gaps: Counter,
     pub bus_resubscriptions: Counter,
+    /// Snapshot requests received from Threat Bus (both kinds).
+    pub snapshot_requests: Counter,
+    /// Indicator snapshot requests answered to the end.
+    pub snapshots_answered: Counter,
+    /// Indicators sent in snapshot answers.
+    pub snapshot_indicators: Counter,
 }
 
 impl Metrics {
@@ -143,6 +149,21 @@ impl Metrics {
             "opencti_threatbus_queue_depth{{queue=\"dead\"}} {}",
             store.dead_len()
         );
+        let size = store.catalog_size();
+        let _ = writeln!(
+            out,
+            "# HELP opencti_threatbus_catalog_indicators Indicators in the catalog of what was sent to Threat Bus (active: tools match them)."
+        );
+        let _ = writeln!(out, "# TYPE opencti_threatbus_catalog_indicators gauge");
+        for (state, count) in [
+            ("active", size.active),
+            ("removed", size.total.saturating_sub(size.active)),
+        ] {
+            let _ = writeln!(
+                out,
+                "opencti_threatbus_catalog_indicators{{state=\"{state}\"}} {count}"
+            );
+        }
         render_ages(&mut out, store);
         self.render_latency(&mut out);
         for (name, help, value) in [
@@ -165,6 +186,21 @@ impl Metrics {
                 "threatbus_resubscriptions_total",
                 "Subscriptions to Threat Bus after the first.",
                 self.bus_resubscriptions.get(),
+            ),
+            (
+                "snapshot_requests_total",
+                "Snapshot requests received from Threat Bus (indicators and sightings).",
+                self.snapshot_requests.get(),
+            ),
+            (
+                "snapshots_answered_total",
+                "Indicator snapshot requests answered to the end.",
+                self.snapshots_answered.get(),
+            ),
+            (
+                "snapshot_indicators_total",
+                "Indicators sent in snapshot answers.",
+                self.snapshot_indicators.get(),
             ),
         ] {
             let _ = writeln!(out, "# HELP opencti_threatbus_{name} {help}");

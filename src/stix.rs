@@ -20,6 +20,7 @@
 
 mod json_patch;
 pub mod sighting;
+pub mod snapshot;
 #[cfg(test)]
 mod tests;
 pub mod timestamp;
@@ -29,6 +30,10 @@ use serde_json::{Map, Value};
 pub use sighting::{
     parse_sighting, sighting_from_value, sighting_times_utc, Sighting, SightingError,
     MAX_SIGHTING_COUNT,
+};
+pub use snapshot::{
+    parse_snapshot_request, snapshot_envelope_frame, SnapshotKind, SnapshotRequest,
+    SnapshotRequestError,
 };
 pub use timestamp::{Timestamp, TimestampError};
 
@@ -804,7 +809,7 @@ pub enum BusMessage {
     Sighting(Sighting),
     /// `sighting`, unusable: dead-letter the payload with this error.
     InvalidSighting(SightingError),
-    /// `snapshotrequest`: logged and skipped (answering snapshots is not built).
+    /// `snapshotrequest`: answered from the indicator catalog ([`snapshot`]).
     SnapshotRequest,
     /// Any other suffix.
     Unknown { suffix: String },

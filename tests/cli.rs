@@ -240,7 +240,7 @@ fn a_store_from_a_newer_version_is_refused() {
             err,
             opencti_threatbus::store::StoreError::NewerFormat {
                 found: 99,
-                supported: 1,
+                supported: opencti_threatbus::store::CURRENT_FORMAT,
                 ..
             }
         ),
@@ -250,7 +250,11 @@ fn a_store_from_a_newer_version_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("format version 99") && err.contains("supports up to version 1"),
+        err.contains("format version 99")
+            && err.contains(&format!(
+                "supports up to version {}",
+                opencti_threatbus::store::CURRENT_FORMAT
+            )),
         "{err}"
     );
 }

@@ -14,17 +14,33 @@ use tokio::sync::{mpsc, watch};
 const GOOD: &str = r#"{"type": "sighting", "spec_version": "2.1", "id": "sighting--65184b15-a91d-4ee2-b023-efd239ddb72b", "created": "2024-01-02T03:05:00Z", "modified": "2024-01-02T03:05:00Z", "last_seen": "2024-01-02T03:05:00Z", "sighting_of_ref": "indicator--3d63fc4d-ba50-4892-be4d-f3a44fdc4461"}"#;
 const ECHO: &str = r#"{"type": "indicator", "spec_version": "2.1", "id": "indicator--3d63fc4d-ba50-4892-be4d-f3a44fdc4461", "created": "2024-01-02T03:04:05Z", "modified": "2024-01-02T03:04:05Z", "pattern": "[domain-name:value = 'evil.example']", "pattern_type": "stix", "pattern_version": "2.1", "valid_from": "2024-01-02T03:04:05Z", "x_threatbus_update": "EDIT"}"#;
 
-async fn run(
-    messages: Vec<Incoming>,
-    limit: u64,
-) -> (Arc<Store>, Arc<Metrics>, Vec<String>, tempfile::TempDir) {
+/// What one intake run left behind.
+struct Outcome {
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    /// Ids of the echoes handed to the indicator drainer.
+    echoes: Vec<String>,
+    /// Bodies handed to the snapshot task.
+    snapshot_requests: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+async fn run(messages: Vec<Incoming>, limit: u64) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).unwrap());
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::unbounded_channel();
     let (echo_tx, mut echo_rx) = mpsc::unbounded_channel();
+    let (snapshot_tx, mut snapshot_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop) = watch::channel(false);
-    let intake = Intake::new(Arc::clone(&store), rx, echo_tx, limit, Arc::clone(&metrics));
+    let intake = Intake::new(
+        Arc::clone(&store),
+        rx,
+        echo_tx,
+        snapshot_tx,
+        limit,
+        Arc::clone(&metrics),
+    );
     let task = tokio::spawn(intake.run(stop));
     for m in messages {
         tx.send(m).unwrap();
@@ -36,8 +52,21 @@ async fn run(
     while let Ok(key) = echo_rx.try_recv() {
         echoes.push(key.id);
     }
-    (store, metrics, echoes, dir)
+    let mut snapshot_requests = Vec::new();
+    while let Ok(body) = snapshot_rx.try_recv() {
+        snapshot_requests.push(body);
+    }
+    Outcome {
+        store,
+        metrics,
+        echoes,
+        snapshot_requests,
+        _dir: dir,
+    }
 }
+
+const SNAPSHOT_REQUEST: &str =
+    r#"{"type": "snapshotrequest", "snapshot_type": 1, "snapshot_id": "x", "snapshot": 60}"#;
 
 #[tokio::test]
 async fn sightings_are_queued_and_invalid_ones_parked_with_the_reason() {
@@ -45,14 +74,23 @@ async fn sightings_are_queued_and_invalid_ones_parked_with_the_reason() {
         r#", "sighting_of_ref": "indicator--3d63fc4d-ba50-4892-be4d-f3a44fdc4461""#,
         "",
     );
-    let (store, metrics, echoes, _dir) = run(
+    let Outcome {
+        store,
+        metrics,
+        echoes,
+        snapshot_requests,
+        ..
+    } = run(
         vec![
             Incoming::Sighting(GOOD.into()),
             Incoming::Sighting(missing_ref.clone()),
             Incoming::Sighting("{not json".into()),
             Incoming::Indicator(ECHO.into()),
-            Incoming::SnapshotRequest(r#"{"type": "snapshotrequest", "snapshot_type": 1, "snapshot_id": "x", "snapshot": 60}"#.into()),
-            Incoming::Unknown { suffix: "weird".into(), body: "{}".into() },
+            Incoming::SnapshotRequest(SNAPSHOT_REQUEST.into()),
+            Incoming::Unknown {
+                suffix: "weird".into(),
+                body: "{}".into(),
+            },
         ],
         1000,
     )
@@ -80,6 +118,8 @@ async fn sightings_are_queued_and_invalid_ones_parked_with_the_reason() {
         vec!["indicator--3d63fc4d-ba50-4892-be4d-f3a44fdc4461".to_string()]
     );
     assert_eq!(metrics.sightings.received.get(), 1);
+    // Snapshot requests go to the snapshot task, untouched.
+    assert_eq!(snapshot_requests, vec![SNAPSHOT_REQUEST.to_string()]);
 }
 
 #[tokio::test]
@@ -87,7 +127,7 @@ async fn beyond_the_sighting_limit_drops_are_counted() {
     let sightings = (0..5)
         .map(|i| Incoming::Sighting(GOOD.replace("65184b15", &format!("6518{i:04}"))))
         .collect();
-    let (store, metrics, _, _dir) = run(sightings, 3).await;
-    assert_eq!(store.len(Queue::Sightings), 3);
-    assert_eq!(metrics.sightings.dropped.get(), 2);
+    let outcome = run(sightings, 3).await;
+    assert_eq!(outcome.store.len(Queue::Sightings), 3);
+    assert_eq!(outcome.metrics.sightings.dropped.get(), 2);
 }

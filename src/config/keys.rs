@@ -56,6 +56,7 @@ keys! {
     THREATBUS_ZMQ_PORT => "threatbus"."zmq_port",
     THREATBUS_SNAPSHOT => "threatbus"."snapshot",
     THREATBUS_CONFIRM_DELIVERY => "threatbus"."confirm_delivery",
+    THREATBUS_SNAPSHOT_RATE => "threatbus"."snapshot_rate",
 
     BRIDGE_DATA_DIR => "bridge"."data_dir",
     BRIDGE_FLUSH_INTERVAL_MS => "bridge"."flush_interval_ms",

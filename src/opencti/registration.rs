@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::graphql::{ConnectorRegistration, GraphqlClient};
 use crate::admin::Status;
-use crate::pipeline::retry::{Backoff, RetryPolicy};
+use crate::retry::{Backoff, RetryPolicy};
 use crate::store::Store;
 
 /// pycti pings every 40 s; OpenCTI shows a connector as inactive after a few missed pings.

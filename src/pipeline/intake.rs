@@ -3,7 +3,7 @@
 //! Threat Bus gives no acknowledgement and cannot be paused, so sightings are written at
 //! once (one group-committed batch per burst) and are durable within `flush_interval_ms`
 //! (SPEC §2.5). Echoes of the bridge's own indicators only confirm delivery: they are
-//! never written back to OpenCTI.
+//! never written back to OpenCTI. Snapshot requests go to the snapshot task.
 
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
 use crate::stix::{classify_bus_message, BusMessage, EchoKey};
-use crate::store::{Queue, Store, StoreError};
+use crate::store::{Commit, Queue, Store, StoreError};
 use crate::threatbus::Incoming;
 
 /// Messages taken from the subscription per store write at most.
@@ -21,6 +21,8 @@ pub struct Intake {
     store: Arc<Store>,
     incoming: mpsc::UnboundedReceiver<Incoming>,
     echoes: mpsc::UnboundedSender<EchoKey>,
+    /// Snapshot request bodies, for [`super::snapshot`].
+    snapshot_requests: mpsc::UnboundedSender<String>,
     sighting_limit: u64,
     metrics: Arc<Metrics>,
 }
@@ -36,6 +38,7 @@ impl Intake {
         store: Arc<Store>,
         incoming: mpsc::UnboundedReceiver<Incoming>,
         echoes: mpsc::UnboundedSender<EchoKey>,
+        snapshot_requests: mpsc::UnboundedSender<String>,
         sighting_limit: u64,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -43,6 +46,7 @@ impl Intake {
             store,
             incoming,
             echoes,
+            snapshot_requests,
             sighting_limit,
             metrics,
         }
@@ -92,7 +96,10 @@ impl Intake {
                 _ => {}
             },
             Incoming::SnapshotRequest(json) => {
-                tracing::info!(request = %json, "Threat Bus snapshot request skipped (answering snapshots is not supported)");
+                tracing::debug!(request = %json, "snapshot request from Threat Bus");
+                if self.snapshot_requests.send(json).is_err() {
+                    tracing::warn!("snapshot request not answered: the snapshot task has stopped");
+                }
             }
             Incoming::Unknown { suffix, body } => {
                 tracing::warn!(%suffix, bytes = body.len(), "message with an unknown topic from Threat Bus skipped");
@@ -120,9 +127,12 @@ impl Intake {
         }
         let received = batch.sightings.len() as u64;
         self.metrics.sightings.dead.add(batch.parked.len() as u64);
-        let _durable =
-            self.store
-                .commit_batch(Queue::Sightings, batch.sightings, batch.parked, None)?;
+        let commit = Commit {
+            items: batch.sightings,
+            parked: batch.parked,
+            ..Commit::default()
+        };
+        let _durable = self.store.commit(Queue::Sightings, commit)?;
         self.metrics.received(Queue::Sightings, received);
         Ok(())
     }

@@ -3,12 +3,14 @@
 //! - [`stream`]: OpenCTI stream → indicator outbox (with the resume position).
 //! - [`to_opencti`]: sighting outbox → OpenCTI sighting relationships.
 //! - [`to_bus`]: indicator outbox → Threat Bus, confirmed by echo.
-//! - [`intake`]: Threat Bus subscription → sighting outbox (and echoes → `to_bus`).
+//! - [`intake`]: Threat Bus subscription → sighting outbox (and echoes → `to_bus`,
+//!   snapshot requests → `snapshot`).
+//! - [`snapshot`]: Threat Bus snapshot requests → answers from the indicator catalog.
 //!
-//! [`checkpoint`] holds the position rules and [`retry`] the backoff they share.
+//! [`checkpoint`] holds the position rules; the backoff they share is [`crate::retry`].
 pub mod checkpoint;
 pub mod intake;
-pub mod retry;
+pub mod snapshot;
 pub mod stream;
 pub mod to_bus;
 pub mod to_opencti;

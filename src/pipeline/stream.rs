@@ -13,13 +13,14 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::checkpoint::{Checkpoint, EventRole};
-use super::retry::Backoff;
 use crate::admin::Status;
 use crate::metrics::Metrics;
 use crate::opencti::stream::compare_event_ids as compare_ids;
 use crate::opencti::stream::{parse_connected, EventStream, SseEvent, StreamClient, StreamError};
+use crate::retry::Backoff;
 use crate::stix::{self, StreamAction};
-use crate::store::{Queue, Store, StoreError};
+use crate::store::catalog::update_for_indicator;
+use crate::store::{CatalogUpdate, Commit, Queue, Store, StoreError};
 
 /// Events committed together at most: bounds the work lost to a crash mid-burst and the
 /// memory of one batch, while keeping store writes rare on a busy stream.
@@ -40,7 +41,7 @@ pub struct ReaderConfig {
     pub first_start_from: String,
     /// First start only: the recover date (pycti: live_stream_recover_iso_date, default now).
     pub first_start_recover: Option<String>,
-    pub retry: super::retry::RetryPolicy,
+    pub retry: crate::retry::RetryPolicy,
     /// Delay after 401/403/410 ([`DEFAULT_AUTH_RETRY`]).
     pub auth_retry: Duration,
 }
@@ -92,6 +93,8 @@ struct Batch {
     events: usize,
     items: Vec<Vec<u8>>,
     parked: Vec<(Vec<u8>, String)>,
+    /// What the items change in the indicator catalog: written with them.
+    catalog: Vec<CatalogUpdate>,
     position: Option<String>,
 }
 
@@ -368,9 +371,12 @@ impl StreamReader {
             }
             StreamAction::Publish(objects) => {
                 for object in objects {
-                    batch
-                        .items
-                        .push(serde_json::to_vec(&object).unwrap_or_default());
+                    let body = serde_json::to_vec(&object).unwrap_or_default();
+                    // Always keyable: `stix` validated id and `modified` before publishing.
+                    if let Some(update) = update_for_indicator(&object, body.clone()) {
+                        batch.catalog.push(update);
+                    }
+                    batch.items.push(body);
                 }
             }
             StreamAction::NeedsFullIndicator { stix_id, .. } => {
@@ -402,12 +408,13 @@ impl StreamReader {
         let position = batch.position.clone();
         // Durability is not awaited here: the position is written with the items, so
         // whatever a crash loses is read again from the stream.
-        let _durable = self.store.commit_batch(
-            Queue::Indicators,
-            batch.items,
-            batch.parked,
-            batch.position.as_deref(),
-        )?;
+        let commit = Commit {
+            items: batch.items,
+            parked: batch.parked,
+            catalog: batch.catalog,
+            position: batch.position,
+        };
+        let _durable = self.store.commit(Queue::Indicators, commit)?;
         self.metrics.received(Queue::Indicators, queued);
         // After the position write: sled recovers a prefix of writes, so the recover date
         // can never be gone while the position still points into the replay.

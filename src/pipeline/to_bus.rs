@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::retry::RetryPolicy;
 use crate::admin::Status;
 use crate::config::ConfirmDelivery;
 use crate::metrics::Metrics;
+use crate::retry::RetryPolicy;
 use crate::stix::{indicator_echo_key, EchoKey};
 use crate::store::{Item, Queue, Store, StoreError};
 use crate::threatbus::{LinkState, Publisher};

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::retry::{Backoff, RetryPolicy};
 use crate::admin::Status;
 use crate::metrics::Metrics;
 use crate::opencti::graphql::{GraphqlClient, GraphqlError, SightingInput};
+use crate::retry::{Backoff, RetryPolicy};
 use crate::stix::{parse_sighting, Timestamp};
 use crate::store::{now_ms, Item, Queue, Store, StoreError};
 

@@ -48,6 +48,18 @@ pub enum StoreError {
     /// Only the indicator queue carries the stream position.
     #[error("a stream position can only be stored with the indicator queue")]
     PositionOnSightings,
+
+    /// Only the indicator queue carries catalog changes (the catalog describes it).
+    #[error("catalog changes can only be stored with the indicator queue")]
+    CatalogOnSightings,
+
+    /// A record that must be read whole cannot be decoded (damaged, or a format bug).
+    #[error("the {what} record cannot be decoded: {error}")]
+    Undecodable {
+        what: String,
+        #[source]
+        error: bincode::Error,
+    },
 }
 
 impl StoreError {

@@ -9,7 +9,7 @@ use super::record::META_FORMAT_VERSION;
 use super::StoreError;
 
 /// The format this binary writes.
-pub const CURRENT_FORMAT: u32 = 1;
+pub const CURRENT_FORMAT: u32 = 2;
 
 /// One upgrade: turns a store at version `from` into version `from + 1`.
 struct Step {
@@ -17,8 +17,14 @@ struct Step {
     apply: fn(&sled::Tree) -> Result<(), String>,
 }
 
-/// In order of `from`. Empty while only version 1 exists.
-const STEPS: &[Step] = &[];
+/// In order of `from`.
+const STEPS: &[Step] = &[
+    // 2: the indicator catalog (migrations/0002-indicator-catalog.md).
+    Step {
+        from: 1,
+        apply: super::catalog::seed_from_queue,
+    },
+];
 
 /// Reads the format version, initializes a new store, upgrades an older one in place and
 /// refuses a newer one. Returns the version found on disk (0 for a new store).

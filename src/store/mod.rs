@@ -1,9 +1,10 @@
-//! The durable outbox: two queues (indicators, sightings), dead letters, the SSE position
-//! and a little metadata, in one sled database.
+//! The durable outbox: two queues (indicators, sightings), dead letters, the SSE position,
+//! the indicator catalog ([`catalog`]) and a little metadata, in one sled database.
 //!
 //! Writers get a [`Durable`] handle that resolves once a group-commit flush covers them.
 //! Counts are kept in memory (counted once at open), so `len` and `oldest_age` never scan.
 
+pub mod catalog;
 mod commit;
 mod error;
 mod migrate;
@@ -15,11 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+pub use catalog::{CatalogEntry, CatalogSize, CatalogUpdate, Forwarded};
 pub use commit::Durable;
 pub use error::StoreError;
 pub use migrate::CURRENT_FORMAT;
 pub use record::{now_ms, DeadItem, DeadLetter, Envelope, Item, Queue};
 
+use catalog::CatalogCounts;
 use commit::GroupCommit;
 use record::{decode, encode, item_key, key_seq, META_STREAM_POSITION, TAG_DEAD, TAG_META};
 
@@ -114,6 +117,18 @@ pub struct Store {
     indicators: Range,
     sightings: Range,
     dead: Range,
+    catalog: CatalogCounts,
+}
+
+/// One atomic write: items for a queue, items parked as dead letters on arrival (payload,
+/// reason), catalog changes and the new stream position (the last two only with the
+/// indicator queue). Empty parts are left out.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub items: Vec<Vec<u8>>,
+    pub parked: Vec<(Vec<u8>, String)>,
+    pub catalog: Vec<CatalogUpdate>,
+    pub position: Option<String>,
 }
 
 impl Store {
@@ -135,8 +150,10 @@ impl Store {
             indicators: Range::default(),
             sightings: Range::default(),
             dead: Range::default(),
+            catalog: CatalogCounts::default(),
         };
         store.count_all()?;
+        store.catalog.count(&store.tree)?;
         Ok(store)
     }
 
@@ -159,20 +176,31 @@ impl Store {
         payloads: Vec<Vec<u8>>,
         position: Option<&str>,
     ) -> Result<Durable, StoreError> {
-        self.commit_batch(queue, payloads, Vec::new(), position)
+        let commit = Commit {
+            items: payloads,
+            position: position.map(str::to_owned),
+            ..Commit::default()
+        };
+        self.commit(queue, commit)
     }
 
-    /// The stream reader's general write: items for `queue`, items parked as dead letters
-    /// on arrival (payload, reason), and the new position, all in one atomic batch.
-    pub fn commit_batch(
-        &self,
-        queue: Queue,
-        payloads: Vec<Vec<u8>>,
-        parked: Vec<(Vec<u8>, String)>,
-        position: Option<&str>,
-    ) -> Result<Durable, StoreError> {
-        if position.is_some() && queue != Queue::Indicators {
-            return Err(StoreError::PositionOnSightings);
+    /// The general write (the stream reader's and the intake's): everything in `commit`
+    /// in one atomic sled batch, so that after a crash the position, the catalog and the
+    /// outbox always agree.
+    pub fn commit(&self, queue: Queue, commit: Commit) -> Result<Durable, StoreError> {
+        let Commit {
+            items: payloads,
+            parked,
+            catalog,
+            position,
+        } = commit;
+        if queue != Queue::Indicators {
+            if position.is_some() {
+                return Err(StoreError::PositionOnSightings);
+            }
+            if !catalog.is_empty() {
+                return Err(StoreError::CatalogOnSightings);
+            }
         }
         let now = now_ms();
         let range = self.range(queue);
@@ -197,10 +225,12 @@ impl Store {
             };
             batch.insert(&item_key(TAG_DEAD, first_dead + i as u64), encode(&letter)?);
         }
-        if let Some(position) = position {
+        let catalog_delta = catalog::stage(&self.tree, &mut batch, catalog, now)?;
+        if let Some(position) = &position {
             batch.insert(META_STREAM_POSITION, position.as_bytes());
         }
         self.tree.apply_batch(batch)?;
+        self.catalog.apply(&catalog_delta);
         range
             .next_seq
             .store(first + items as u64, Ordering::Relaxed);
@@ -221,7 +251,7 @@ impl Store {
 
     /// Advances the stream position alone (an event that carries no indicator).
     pub fn set_position(&self, position: &str) -> Result<Durable, StoreError> {
-        self.commit_batch(Queue::Indicators, Vec::new(), Vec::new(), Some(position))
+        self.enqueue(Queue::Indicators, Vec::new(), Some(position))
     }
 
     /// Parks one item as a dead letter on arrival (it never entered its queue).
@@ -231,7 +261,11 @@ impl Store {
         payload: Vec<u8>,
         reason: String,
     ) -> Result<Durable, StoreError> {
-        self.commit_batch(queue, Vec::new(), vec![(payload, reason)], None)
+        let commit = Commit {
+            parked: vec![(payload, reason)],
+            ..Commit::default()
+        };
+        self.commit(queue, commit)
     }
 
     /// Stores a small metadata value (organization id, Threat Bus topic).
@@ -717,7 +751,7 @@ mod tests {
         let waiting = store.notified(Queue::Sightings);
         drop(
             store
-                .commit_batch(Queue::Sightings, vec![b"{}".to_vec()], Vec::new(), None)
+                .enqueue(Queue::Sightings, vec![b"{}".to_vec()], None)
                 .unwrap(),
         );
         tokio::time::timeout(Duration::from_secs(1), waiting)

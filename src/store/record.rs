@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub(crate) const TAG_META: u8 = 0x00;
 /// Tag of dead letters.
 pub(crate) const TAG_DEAD: u8 = 0x03;
+/// Tag of the indicator catalog (format 2): `0x04` + the STIX id.
+pub(crate) const TAG_CATALOG: u8 = 0x04;
 
 pub(crate) const META_FORMAT_VERSION: &[u8] = b"\x00format_version";
 pub(crate) const META_STREAM_POSITION: &[u8] = b"\x00stream_position";

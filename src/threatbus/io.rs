@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
-use super::link::{Incoming, LinkError};
+use super::{Incoming, LinkError};
 
 /// How many SUB messages are read before the thread looks at its commands again.
 const READ_BATCH: usize = 4096;

@@ -34,6 +34,7 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
 use super::io::{self, DataSockets, IoCommand, IoEvent, IoSender};
 use super::manage::{self, ManageClient, ManageError, Subscription};
+use super::{Incoming, LinkError};
 use crate::config::ThreatBusConfig;
 
 /// How long the XPUB may still flush written frames at shutdown.
@@ -103,37 +104,6 @@ pub enum LinkState {
     /// Not usable right now (Threat Bus unreachable, restarted, the link shut down …);
     /// the link keeps trying until shut down.
     Down { reason: String },
-}
-
-/// One message from the link's subscription, by topic suffix, with its raw JSON.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Incoming {
-    /// `<p2p>indicator`: usually the echo of an indicator the bridge published itself.
-    Indicator(String),
-    /// `<p2p>sighting`.
-    Sighting(String),
-    /// `<p2p>snapshotrequest`: another app asked for a snapshot (to log and skip).
-    SnapshotRequest(String),
-    /// Any other suffix.
-    Unknown { suffix: String, body: String },
-}
-
-/// Why a publish or the link's start failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// The XPUB does not hold Threat Bus's subscription for these frames (not connected
-    /// yet, re-subscribing, or Threat Bus went away): nothing was written.
-    #[error("the Threat Bus link is not ready: nothing was published")]
-    NotReady,
-    /// The link was shut down (or its socket thread ended): nothing more can be published.
-    #[error("the Threat Bus link is closed")]
-    Closed,
-    /// Writing a frame failed; frames before it in the batch may have been written.
-    #[error("writing to Threat Bus failed: {0}")]
-    Send(#[source] zmq::Error),
-    /// The link's threads or wake-up socket could not be created.
-    #[error("starting the Threat Bus link failed: {0}")]
-    Start(#[source] std::io::Error),
 }
 
 /// Starts links.
