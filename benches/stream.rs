@@ -5,7 +5,12 @@
 //! - baseline: the transport alone (`StreamClient`, events parsed and dropped);
 //! - the stream reader: events mapped, batched and committed to the store with the
 //!   position, timed until the store's position reaches the last event and a final flush
-//!   made it durable.
+//!   made it durable;
+//! - the SSE parser alone, in memory: the project's own (`EventStream`) next to the
+//!   `eventsource-stream` crate on the same chunks of the 6.x sample session
+//!   (`tests/fixtures/opencti/stream-sample.txt`, repeated), the reason the parser is ours.
+//!
+//! `cargo bench --bench stream -- parsers` runs only the parser comparison.
 //!
 //! Figures, not assertions: this machine is shared and noisy.
 
@@ -33,6 +38,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // `cargo bench --bench stream -- parsers`: only the in-memory parser comparison.
+    if std::env::args().any(|a| a == "parsers") {
+        runtime.block_on(parsers());
+        return;
+    }
     let double = OpenCti::start();
     double.set_heartbeat_interval(Duration::from_secs(3600));
     let start_id = double.append_raw("heartbeat", "\"seed\"");
@@ -75,6 +85,71 @@ fn main() {
         reader / transport,
         if reader >= TARGET { "met" } else { "NOT met" }
     );
+    runtime.block_on(parsers());
+}
+
+/// The 6.x sample session after its `connected` event, repeated to `PARSER_EVENTS` events
+/// and cut into `PARSER_CHUNK`-byte chunks, as a socket hands them over.
+const SAMPLE: &str = include_str!("../tests/fixtures/opencti/stream-sample.txt");
+const PARSER_EVENTS: usize = 200_000;
+const PARSER_CHUNK: usize = 16 * 1024;
+
+type Chunks = Vec<Result<Vec<u8>, std::io::Error>>;
+
+fn sample_chunks() -> (Chunks, usize, usize) {
+    let body = SAMPLE
+        .split_once("\n\n")
+        .map(|(_connected, rest)| rest)
+        .expect("the sample starts with a connected event");
+    let per_copy = body.matches("\nevent: ").count() + usize::from(body.starts_with("event: "));
+    let copies = PARSER_EVENTS.div_ceil(per_copy);
+    let bytes = body.repeat(copies).into_bytes();
+    let chunks = bytes.chunks(PARSER_CHUNK).map(|c| Ok(c.to_vec())).collect();
+    (chunks, copies * per_copy, bytes.len())
+}
+
+/// Events per second through each parser, best of 3 alternating rounds.
+async fn parsers() {
+    use eventsource_stream::Eventsource;
+    let (mut ours_best, mut theirs_best) = (0.0_f64, 0.0_f64);
+    let mut total = (0, 0);
+    for _ in 0..3 {
+        let (chunks, events, bytes) = sample_chunks();
+        total = (events, bytes);
+        let started = Instant::now();
+        let mut stream = opencti_threatbus::opencti::EventStream::from_byte_stream(
+            futures_util::stream::iter(chunks),
+        );
+        let mut n = 0;
+        while let Some(Ok(_)) = stream.next().await {
+            n += 1;
+        }
+        assert_eq!(n, events, "our parser saw every event");
+        ours_best = ours_best.max(n as f64 / started.elapsed().as_secs_f64());
+
+        let (chunks, events, _) = sample_chunks();
+        let started = Instant::now();
+        let mut stream = futures_util::stream::iter(chunks).eventsource();
+        let mut n = 0;
+        while let Some(Ok(_)) = stream.next().await {
+            n += 1;
+        }
+        assert_eq!(n, events, "eventsource-stream saw every event");
+        theirs_best = theirs_best.max(n as f64 / started.elapsed().as_secs_f64());
+    }
+    println!(
+        "\nSSE parser alone, in memory: {} events ({} MB) of the 6.x sample in {} KiB chunks",
+        total.0,
+        total.1 / 1_000_000,
+        PARSER_CHUNK / 1024
+    );
+    println!("{:<44} {:>12}", "", "events/s");
+    println!(
+        "{:<44} {:>12.0}",
+        "this project's parser (EventStream)", ours_best
+    );
+    println!("{:<44} {:>12.0}", "eventsource-stream 0.2", theirs_best);
+    println!("ours / eventsource-stream: {:.1}x", ours_best / theirs_best);
 }
 
 async fn transport_only(config: &StreamConfig, start_id: &str) -> f64 {

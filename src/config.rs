@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod error;
-mod keys;
+pub mod keys;
 mod read;
 mod source;
 #[cfg(test)]

@@ -1,22 +1,44 @@
-//! Counters the daemon keeps (SPEC §7), rendered as Prometheus text when enabled.
+//! Counters the daemon keeps (SPEC §7), exposed through the Prometheus project's own client
+//! (`prometheus-client`) when enabled: it owns the metric types, the text formats, the
+//! histogram layout and the escaping of help texts and label values.
+//!
+//! The rest of the daemon sees only [`Metrics`] and its small [`Counter`] / [`Histogram`]
+//! handles; which library renders them stays inside this file.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram as PromHistogram;
+use prometheus_client::registry::{Registry, Unit};
 
 use crate::store::{Queue, Store};
 
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+/// Every exported name starts with this (`opencti_threatbus_…`).
+const PREFIX: &str = "opencti_threatbus";
+
+/// `Content-Type` of the OpenMetrics 1.0 text format, served when the scraper asks for it.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `Content-Type` of the Prometheus text format 0.0.4, served otherwise (curl, old scrapers).
+pub const TEXT_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// A monotonically increasing count. A thin handle over the client's counter so that the
+/// pipelines keep one small API (`inc`, `add`, `get`) whatever renders it.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(PromCounter);
 
 impl Counter {
     pub fn inc(&self) {
         self.add(1);
     }
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.inc_by(n);
     }
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
@@ -26,25 +48,38 @@ const LATENCY_BUCKETS_S: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0, 3600.0,
 ];
 
-/// A Prometheus histogram of delivery latency: receipt by the bridge → confirmed delivery.
-#[derive(Debug, Default)]
+/// A fn pointer (not a closure) so that the family's type can be named in a struct field.
+fn latency_histogram() -> PromHistogram {
+    PromHistogram::new(LATENCY_BUCKETS_S)
+}
+
+/// Delivery latency: receipt by the bridge → confirmed delivery.
+#[derive(Debug, Clone)]
 pub struct Histogram {
-    /// Cumulative counts per bucket of `LATENCY_BUCKETS_S`.
-    buckets: [Counter; LATENCY_BUCKETS_S.len()],
+    inner: PromHistogram,
+    /// The client exposes its own count only to its tests; kept here for [`Histogram::count`].
     count: Counter,
-    sum_ms: Counter,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::from(latency_histogram())
+    }
+}
+
+impl From<PromHistogram> for Histogram {
+    fn from(inner: PromHistogram) -> Self {
+        Histogram {
+            inner,
+            count: Counter::default(),
+        }
+    }
 }
 
 impl Histogram {
     pub fn observe_ms(&self, ms: u64) {
-        let seconds = ms as f64 / 1000.0;
-        for (bound, bucket) in LATENCY_BUCKETS_S.iter().zip(&self.buckets) {
-            if seconds <= *bound {
-                bucket.inc();
-            }
-        }
+        self.inner.observe(ms as f64 / 1000.0);
         self.count.inc();
-        self.sum_ms.add(ms);
     }
 
     /// Observes the latency of an item received at `received_at_ms`.
@@ -54,6 +89,72 @@ impl Histogram {
 
     pub fn count(&self) -> u64 {
         self.count.get()
+    }
+}
+
+/// The one label of the per-queue metrics: `queue="indicators"`, `"sightings"` or `"dead"`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: &'static str,
+}
+
+impl QueueLabel {
+    fn of(queue: Queue) -> Self {
+        QueueLabel {
+            queue: queue.name(),
+        }
+    }
+}
+
+const DEAD: QueueLabel = QueueLabel { queue: "dead" };
+
+/// The `state` label of the catalog gauge: `active` or `removed`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+type CounterFamily = Family<QueueLabel, PromCounter>;
+type LatencyFamily = Family<QueueLabel, PromHistogram, fn() -> PromHistogram>;
+
+/// The labelled families the per-queue handles belong to: one family per metric name, so
+/// that the exposition has one `# HELP`/`# TYPE` block per name with a sample per queue.
+#[derive(Debug)]
+struct Families {
+    received: CounterFamily,
+    delivered: CounterFamily,
+    retried: CounterFamily,
+    dead: CounterFamily,
+    dropped: CounterFamily,
+    latency: LatencyFamily,
+}
+
+impl Default for Families {
+    fn default() -> Self {
+        Families {
+            received: Family::default(),
+            delivered: Family::default(),
+            retried: Family::default(),
+            dead: Family::default(),
+            dropped: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
+impl Families {
+    /// The handles of one queue: clones share the family's value, so a pipeline's `inc()`
+    /// is one atomic add, with no family lock on the hot path.
+    fn queue(&self, queue: Queue) -> QueueCounters {
+        let label = QueueLabel::of(queue);
+        QueueCounters {
+            latency: Histogram::from(self.latency.get_or_create_owned(&label)),
+            received: Counter(self.received.get_or_create_owned(&label)),
+            delivered: Counter(self.delivered.get_or_create_owned(&label)),
+            retried: Counter(self.retried.get_or_create_owned(&label)),
+            dead: Counter(self.dead.get_or_create_owned(&label)),
+            dropped: Counter(self.dropped.get_or_create_owned(&label)),
+        }
     }
 }
 
@@ -68,7 +169,7 @@ pub struct QueueCounters {
     pub dropped: Counter,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub indicators: QueueCounters,
     pub sightings: QueueCounters,
@@ -82,6 +183,25 @@ pub struct Metrics {
     pub snapshots_answered: Counter,
     /// Indicators sent in snapshot answers.
     pub snapshot_indicators: Counter,
+    families: Families,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let families = Families::default();
+        Metrics {
+            indicators: families.queue(Queue::Indicators),
+            sightings: families.queue(Queue::Sightings),
+            stream_events: Counter::default(),
+            stream_reconnects: Counter::default(),
+            stream_gaps: Counter::default(),
+            bus_resubscriptions: Counter::default(),
+            snapshot_requests: Counter::default(),
+            snapshots_answered: Counter::default(),
+            snapshot_indicators: Counter::default(),
+            families,
+        }
+    }
 }
 
 impl Metrics {
@@ -99,195 +219,211 @@ impl Metrics {
     /// Prometheus text exposition format, version 0.0.4.
     pub fn render(&self, store: &Store) -> String {
         let mut out = String::new();
-        for (name, help, pick) in [
-            (
-                "received",
-                "Items written to the outbox.",
-                pick_received as fn(&QueueCounters) -> u64,
-            ),
+        let encoded =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry(store));
+        log_encode_error(encoded);
+        out
+    }
+
+    /// OpenMetrics 1.0 text: counters' `# TYPE` lines name the family without `_total`
+    /// (the samples keep it), units get a `# UNIT` line, and it ends in `# EOF`.
+    pub fn render_openmetrics(&self, store: &Store) -> String {
+        let mut out = String::new();
+        let encoded = prometheus_client::encoding::text::encode(&mut out, &self.registry(store));
+        log_encode_error(encoded);
+        out
+    }
+
+    /// Everything one scrape exports. Built per scrape, because the gauges are read from the
+    /// store at that moment (and the stream lag exists only once there is a position); the
+    /// counters and histograms are shared handles, so registering them again costs a clone.
+    /// Counters are registered without `_total`: both encoders append it to the samples.
+    fn registry(&self, store: &Store) -> Registry {
+        let mut r = Registry::with_prefix(PREFIX);
+        let f = &self.families;
+        for (name, help, family) in [
+            ("received", "Items written to the outbox", &f.received),
             (
                 "delivered",
-                "Items confirmed delivered and removed from the outbox.",
-                |q| q.delivered.get(),
+                "Items confirmed delivered and removed from the outbox",
+                &f.delivered,
             ),
             (
                 "retried",
-                "Failed delivery attempts that will be retried.",
-                |q| q.retried.get(),
+                "Failed delivery attempts that will be retried",
+                &f.retried,
             ),
-            ("dead", "Items moved to the dead letters.", |q| q.dead.get()),
+            ("dead", "Items moved to the dead letters", &f.dead),
             (
                 "dropped",
-                "Items dropped because the outbox was full.",
-                |q| q.dropped.get(),
+                "Items dropped because the outbox was full",
+                &f.dropped,
             ),
         ] {
-            let _ = writeln!(out, "# HELP opencti_threatbus_{name}_total {help}");
-            let _ = writeln!(out, "# TYPE opencti_threatbus_{name}_total counter");
-            for queue in Queue::ALL {
-                let _ = writeln!(
-                    out,
-                    "opencti_threatbus_{name}_total{{queue=\"{queue}\"}} {}",
-                    pick(self.queue(queue))
-                );
-            }
+            r.register(name, help, family.clone());
         }
-        let _ = writeln!(
-            out,
-            "# HELP opencti_threatbus_queue_depth Items waiting in the outbox."
-        );
-        let _ = writeln!(out, "# TYPE opencti_threatbus_queue_depth gauge");
+
+        let depth = Family::<QueueLabel, Gauge<u64, AtomicU64>>::default();
         for queue in Queue::ALL {
-            let _ = writeln!(
-                out,
-                "opencti_threatbus_queue_depth{{queue=\"{queue}\"}} {}",
-                store.len(queue)
-            );
+            depth
+                .get_or_create(&QueueLabel::of(queue))
+                .set(store.len(queue));
         }
-        let _ = writeln!(
-            out,
-            "opencti_threatbus_queue_depth{{queue=\"dead\"}} {}",
-            store.dead_len()
-        );
+        depth.get_or_create(&DEAD).set(store.dead_len());
+        r.register("queue_depth", "Items waiting in the outbox", depth);
+
         let size = store.catalog_size();
-        let _ = writeln!(
-            out,
-            "# HELP opencti_threatbus_catalog_indicators Indicators in the catalog of what was sent to Threat Bus (active: tools match them)."
+        let catalog = Family::<StateLabel, Gauge<u64, AtomicU64>>::default();
+        catalog
+            .get_or_create(&StateLabel { state: "active" })
+            .set(size.active);
+        catalog
+            .get_or_create(&StateLabel { state: "removed" })
+            .set(size.total.saturating_sub(size.active));
+        r.register(
+            "catalog_indicators",
+            "Indicators in the catalog of what was sent to Threat Bus (active: tools match them)",
+            catalog,
         );
-        let _ = writeln!(out, "# TYPE opencti_threatbus_catalog_indicators gauge");
-        for (state, count) in [
-            ("active", size.active),
-            ("removed", size.total.saturating_sub(size.active)),
-        ] {
-            let _ = writeln!(
-                out,
-                "opencti_threatbus_catalog_indicators{{state=\"{state}\"}} {count}"
-            );
-        }
-        render_ages(&mut out, store);
-        self.render_latency(&mut out);
-        for (name, help, value) in [
-            (
-                "stream_events_total",
-                "SSE events read from OpenCTI.",
-                self.stream_events.get(),
-            ),
-            (
-                "stream_reconnects_total",
-                "Reconnections to the OpenCTI stream.",
-                self.stream_reconnects.get(),
-            ),
-            (
-                "stream_gaps_total",
-                "Times the stored position was older than the oldest retained event.",
-                self.stream_gaps.get(),
-            ),
-            (
-                "threatbus_resubscriptions_total",
-                "Subscriptions to Threat Bus after the first.",
-                self.bus_resubscriptions.get(),
-            ),
-            (
-                "snapshot_requests_total",
-                "Snapshot requests received from Threat Bus (indicators and sightings).",
-                self.snapshot_requests.get(),
-            ),
-            (
-                "snapshots_answered_total",
-                "Indicator snapshot requests answered to the end.",
-                self.snapshots_answered.get(),
-            ),
-            (
-                "snapshot_indicators_total",
-                "Indicators sent in snapshot answers.",
-                self.snapshot_indicators.get(),
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP opencti_threatbus_{name} {help}");
-            let _ = writeln!(out, "# TYPE opencti_threatbus_{name} counter");
-            let _ = writeln!(out, "opencti_threatbus_{name} {value}");
-        }
-        out
-    }
-}
 
-impl Metrics {
-    fn render_latency(&self, out: &mut String) {
-        let name = "opencti_threatbus_delivery_latency_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} From receipt by the bridge to confirmed delivery."
-        );
-        let _ = writeln!(out, "# TYPE {name} histogram");
+        let now = crate::store::now_ms();
+        let ages = Family::<QueueLabel, Gauge<f64, AtomicU64>>::default();
         for queue in Queue::ALL {
-            let h = &self.queue(queue).latency;
-            for (bound, bucket) in LATENCY_BUCKETS_S.iter().zip(&h.buckets) {
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{queue=\"{queue}\",le=\"{bound}\"}} {}",
-                    bucket.get()
-                );
-            }
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{queue=\"{queue}\",le=\"+Inf\"}} {}",
-                h.count.get()
-            );
-            let _ = writeln!(
-                out,
-                "{name}_sum{{queue=\"{queue}\"}} {:.3}",
-                h.sum_ms.get() as f64 / 1000.0
-            );
-            let _ = writeln!(out, "{name}_count{{queue=\"{queue}\"}} {}", h.count.get());
+            // A store read error shows as 0 rather than failing the whole scrape.
+            let age_ms = store
+                .oldest_received_ms(queue)
+                .ok()
+                .flatten()
+                .map_or(0, |t| now.saturating_sub(t));
+            ages.get_or_create(&QueueLabel::of(queue))
+                .set(age_ms as f64 / 1000.0);
         }
-    }
-}
+        r.register_with_unit(
+            "queue_oldest_age",
+            "Age of the oldest item waiting in the outbox",
+            Unit::Seconds,
+            ages,
+        );
 
-/// How old the oldest waiting item is, and how far behind the stream position is.
-fn render_ages(out: &mut String, store: &Store) {
-    let now = crate::store::now_ms();
-    let _ = writeln!(out, "# HELP opencti_threatbus_queue_oldest_age_seconds Age of the oldest item waiting in the outbox.");
-    let _ = writeln!(
-        out,
-        "# TYPE opencti_threatbus_queue_oldest_age_seconds gauge"
-    );
-    for queue in Queue::ALL {
-        let age = store
-            .oldest_received_ms(queue)
+        // A stream id starts with its time in ms: now minus that is how far behind the bridge
+        // reads. Without a position there is nothing to be behind, so no sample at all.
+        let position_ms = store
+            .position()
             .ok()
             .flatten()
-            .map_or(0, |t| now.saturating_sub(t));
-        let _ = writeln!(
-            out,
-            "opencti_threatbus_queue_oldest_age_seconds{{queue=\"{queue}\"}} {:.3}",
-            age as f64 / 1000.0
+            .and_then(|p| p.split_once('-').and_then(|(ms, _)| ms.parse::<u64>().ok()));
+        if let Some(ms) = position_ms {
+            let lag = Gauge::<f64, AtomicU64>::default();
+            lag.set(now.saturating_sub(ms) as f64 / 1000.0);
+            r.register_with_unit(
+                "stream_lag",
+                "Now minus the time of the stored stream position",
+                Unit::Seconds,
+                lag,
+            );
+        }
+
+        r.register_with_unit(
+            "delivery_latency",
+            "From receipt by the bridge to confirmed delivery",
+            Unit::Seconds,
+            f.latency.clone(),
         );
-    }
-    // A stream id starts with its time in ms: now minus that is how far behind the bridge reads.
-    let position_ms = store
-        .position()
-        .ok()
-        .flatten()
-        .and_then(|p| p.split_once('-').and_then(|(ms, _)| ms.parse::<u64>().ok()));
-    if let Some(ms) = position_ms {
-        let _ = writeln!(out, "# HELP opencti_threatbus_stream_lag_seconds Now minus the time of the stored stream position.");
-        let _ = writeln!(out, "# TYPE opencti_threatbus_stream_lag_seconds gauge");
-        let _ = writeln!(
-            out,
-            "opencti_threatbus_stream_lag_seconds {:.3}",
-            now.saturating_sub(ms) as f64 / 1000.0
-        );
+
+        for (name, help, counter) in [
+            (
+                "stream_events",
+                "SSE events read from OpenCTI",
+                &self.stream_events,
+            ),
+            (
+                "stream_reconnects",
+                "Reconnections to the OpenCTI stream",
+                &self.stream_reconnects,
+            ),
+            (
+                "stream_gaps",
+                "Times the stored position was older than the oldest retained event",
+                &self.stream_gaps,
+            ),
+            (
+                "threatbus_resubscriptions",
+                "Subscriptions to Threat Bus after the first",
+                &self.bus_resubscriptions,
+            ),
+            (
+                "snapshot_requests",
+                "Snapshot requests received from Threat Bus (indicators and sightings)",
+                &self.snapshot_requests,
+            ),
+            (
+                "snapshots_answered",
+                "Indicator snapshot requests answered to the end",
+                &self.snapshots_answered,
+            ),
+            (
+                "snapshot_indicators",
+                "Indicators sent in snapshot answers",
+                &self.snapshot_indicators,
+            ),
+        ] {
+            r.register(name, help, counter.0.clone());
+        }
+        r
     }
 }
 
-fn pick_received(q: &QueueCounters) -> u64 {
-    q.received.get()
+/// Encoding into a `String` cannot fail on I/O; an error would be a metric the format cannot
+/// express. The scrape then gets what was written so far, and the log says why.
+fn log_encode_error(result: std::fmt::Result) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "encoding the metrics failed; the scrape is incomplete");
+    }
+}
+
+/// Which text format the scraper asked for in its `Accept` header: OpenMetrics when it
+/// prefers `application/openmetrics-text` (version 1.0.0, or no version) over the Prometheus
+/// text format, as Prometheus does; the 0.0.4 text format otherwise, also when there is no
+/// `Accept` header at all (curl, a browser, an old scraper).
+fn wants_openmetrics(head: &str) -> bool {
+    let Some(accept) = head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("accept").then_some(value)
+    }) else {
+        return false;
+    };
+    let (mut openmetrics, mut text) = (0.0_f64, 0.0_f64);
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let (mut q, mut version) = (1.0_f64, None);
+        for param in parts {
+            match param.split_once('=') {
+                Some((k, v)) if k.trim().eq_ignore_ascii_case("q") => {
+                    q = v.trim().parse().unwrap_or(0.0);
+                }
+                Some((k, v)) if k.trim().eq_ignore_ascii_case("version") => {
+                    version = Some(v.trim().to_string());
+                }
+                _ => {}
+            }
+        }
+        match media.as_str() {
+            "application/openmetrics-text" if version.as_deref().is_none_or(|v| v == "1.0.0") => {
+                openmetrics = openmetrics.max(q);
+            }
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    openmetrics > 0.0 && openmetrics > text
 }
 
 /// A request head longer than this is refused: a scraper sends a few hundred bytes.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
-/// Serves `GET /metrics` in Prometheus text format on `listener` until the task is dropped.
+/// Serves `GET /metrics` on `listener` until the task is dropped, in the text format the
+/// scraper asks for (see [`wants_openmetrics`]).
 /// Hand-rolled on purpose: one fixed endpoint does not warrant an HTTP server dependency.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -328,17 +464,26 @@ async fn answer(
     }
     let request_line = String::from_utf8_lossy(&head);
     let path = request_line.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = if request_line.starts_with("GET ") && (path == "/metrics" || path == "/")
-    {
-        ("200 OK", metrics.render(store))
-    } else {
-        (
-            "404 Not Found",
-            "only GET /metrics is served here\n".to_string(),
-        )
-    };
+    let (status, content_type, body) =
+        if request_line.starts_with("GET ") && (path == "/metrics" || path == "/") {
+            if wants_openmetrics(&request_line) {
+                (
+                    "200 OK",
+                    OPENMETRICS_CONTENT_TYPE,
+                    metrics.render_openmetrics(store),
+                )
+            } else {
+                ("200 OK", TEXT_CONTENT_TYPE, metrics.render(store))
+            }
+        } else {
+            (
+                "404 Not Found",
+                "text/plain; charset=utf-8",
+                "only GET /metrics is served here\n".to_string(),
+            )
+        };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;
@@ -346,18 +491,4 @@ async fn answer(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn latency_buckets_are_cumulative() {
-        let h = Histogram::default();
-        for ms in [3, 40, 40, 7_000, 10_000_000] {
-            h.observe_ms(ms);
-        }
-        let counts: Vec<u64> = h.buckets.iter().map(Counter::get).collect();
-        assert_eq!(counts, vec![1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4]);
-        assert_eq!(h.count(), 5);
-        assert_eq!(h.sum_ms.get(), 10_007_083);
-    }
-}
+mod tests;

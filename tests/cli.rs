@@ -429,6 +429,12 @@ fn the_daemon_serves_prometheus_metrics_when_asked() {
     );
     wait_healthy(dir.path());
     let body = http_get(port, "/metrics");
+    // What Prometheus sends: it prefers OpenMetrics, and gets it.
+    let openmetrics = http_get_accepting(
+        port,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"),
+    );
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert_eq!(
         wait_with_timeout(&mut daemon, Duration::from_secs(10)),
@@ -451,14 +457,43 @@ fn the_daemon_serves_prometheus_metrics_when_asked() {
         body.contains("opencti_threatbus_stream_lag_seconds"),
         "{body}"
     );
+    assert!(
+        body.contains("\r\nContent-Type: text/plain; version=0.0.4"),
+        "{body}"
+    );
+
+    assert!(openmetrics.starts_with("HTTP/1.1 200 OK"), "{openmetrics}");
+    assert!(
+        openmetrics.contains("\r\nContent-Type: application/openmetrics-text; version=1.0.0"),
+        "{openmetrics}"
+    );
+    // The same samples; only the family's `# TYPE` line drops `_total`, as OpenMetrics wants.
+    for line in [
+        "opencti_threatbus_queue_depth{queue=\"indicators\"} 3",
+        "opencti_threatbus_queue_depth{queue=\"dead\"} 2",
+        "# TYPE opencti_threatbus_delivered counter",
+        "opencti_threatbus_delivered_total{queue=\"indicators\"} 0",
+    ] {
+        assert!(openmetrics.contains(line), "{line:?} in {openmetrics}");
+    }
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
 }
 
 fn http_get(port: u16, path: &str) -> String {
+    http_get_accepting(port, path, None)
+}
+
+fn http_get_accepting(port: u16, path: &str, accept: Option<&str>) -> String {
     use std::io::{Read, Write};
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\n{accept}\r\n"
+            )
+            .unwrap();
             let mut body = String::new();
             stream.read_to_string(&mut body).unwrap();
             return body;
