@@ -1,11 +1,14 @@
 //! Model-based property test of the outbox (after Vector's disk-buffer model tests): random
 //! sequences of operations run against the real store and a plain in-memory model, and after
 //! every step the two must agree on every visible fact — order, keys, attempts, errors,
-//! dead letters, the stream position and the counters — including across reopen.
+//! dead letters, the stream position, the indicator catalog and the counters — including
+//! across reopen.
 
 use std::collections::BTreeMap;
 
-use opencti_threatbus::store::{DeadFilter, Queue, Store, StoreOptions};
+use opencti_threatbus::store::{
+    CatalogUpdate, Commit, DeadFilter, Forwarded, Queue, Store, StoreOptions,
+};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -19,6 +22,12 @@ enum Op {
         queue: Queue,
     },
     SetPosition,
+    /// What the stream reader writes: indicator items, each with its catalog change (one of
+    /// a few ids, so that ids repeat within and across batches), and maybe a position.
+    Forward {
+        changes: Vec<(usize, Forwarded)>,
+        position: bool,
+    },
     Ack {
         queue: Queue,
         idx: usize,
@@ -61,6 +70,14 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         1 => queue().prop_map(|queue| Op::Park { queue }),
         1 => Just(Op::SetPosition),
+        3 => (
+            proptest::collection::vec(
+                (0..6usize, prop_oneof![Just(Forwarded::Create), Just(Forwarded::Edit), Just(Forwarded::Remove)]),
+                0..6,
+            ),
+            any::<bool>(),
+        )
+            .prop_map(|(changes, position)| Op::Forward { changes, position }),
         3 => (queue(), any::<usize>()).prop_map(|(queue, idx)| Op::Ack { queue, idx }),
         1 => (queue(), proptest::collection::vec(any::<usize>(), 0..5))
             .prop_map(|(queue, idxs)| Op::AckMany { queue, idxs }),
@@ -98,6 +115,8 @@ struct Model {
     dead: BTreeMap<u64, ModelDead>,
     next_dead: u64,
     position: Option<String>,
+    /// STIX id → (last operation, modified, body; empty once removed).
+    catalog: BTreeMap<String, (Forwarded, i64, Vec<u8>)>,
     counter: u64,
 }
 
@@ -210,6 +229,52 @@ fn apply(slot: &mut Option<Store>, model: &mut Model, op: &Op, dir: &std::path::
             let pos = format!("{}-1", model.counter);
             store.set_position(&pos).unwrap().wait_blocking().unwrap();
             model.position = Some(pos);
+        }
+        Op::Forward {
+            ref changes,
+            position,
+        } => {
+            let mut items = Vec::new();
+            let mut catalog = Vec::new();
+            for &(id, operation) in changes {
+                let body = model.fresh_payload();
+                model.counter += 1;
+                catalog.push(CatalogUpdate {
+                    stix_id: format!("indicator--{id}"),
+                    operation,
+                    modified_ms: model.counter as i64,
+                    body: body.clone(),
+                });
+                items.push(body);
+            }
+            let pos = position.then(|| format!("{}-0", model.counter));
+            let commit = Commit {
+                items: items.clone(),
+                catalog: catalog.clone(),
+                position: pos.clone(),
+                ..Commit::default()
+            };
+            store
+                .commit(Queue::Indicators, commit)
+                .unwrap()
+                .wait_blocking()
+                .unwrap();
+            for p in items {
+                model.push(Queue::Indicators, new_item(p));
+            }
+            for update in catalog {
+                let body = if update.operation == Forwarded::Remove {
+                    Vec::new()
+                } else {
+                    update.body
+                };
+                model
+                    .catalog
+                    .insert(update.stix_id, (update.operation, update.modified_ms, body));
+            }
+            if pos.is_some() {
+                model.position = pos;
+            }
         }
         Op::AckMany { queue, ref idxs } => {
             let mut keys: Vec<u64> = idxs
@@ -395,6 +460,38 @@ fn check(store: &Store, model: &Model) {
         !model.dead.is_empty()
     );
     assert_eq!(store.position().unwrap(), model.position, "stream position");
+    check_catalog(store, model);
+}
+
+fn check_catalog(store: &Store, model: &Model) {
+    let active: BTreeMap<String, (i64, Vec<u8>)> = model
+        .catalog
+        .iter()
+        .filter(|(_, (op, _, _))| *op != Forwarded::Remove)
+        .map(|(id, (_, modified, body))| (id.clone(), (*modified, body.clone())))
+        .collect();
+    let actual: BTreeMap<String, (i64, Vec<u8>)> = store
+        .catalog_active(None, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(id, e)| (id, (e.modified_ms, e.body)))
+        .collect();
+    assert_eq!(actual, active, "active catalog");
+    let size = store.catalog_size();
+    assert_eq!(size.active, active.len() as u64, "catalog active count");
+    assert_eq!(
+        size.total,
+        model.catalog.len() as u64,
+        "catalog total count"
+    );
+    for (id, (op, modified, body)) in &model.catalog {
+        let entry = store.catalog_get(id).unwrap().expect("catalog entry");
+        assert_eq!(
+            (&entry.operation, &entry.modified_ms, &entry.body),
+            (op, modified, body),
+            "{id}"
+        );
+    }
 }
 
 fn options() -> StoreOptions {
