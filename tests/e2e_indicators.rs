@@ -7,9 +7,8 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use opencti_threatbus::store::{Store, StoreOptions};
 use serde_json::Value;
-use support::bridge::{Bridge, BridgeEnv, TOKEN};
+use support::bridge::{store_position, Bridge, BridgeEnv, TOKEN};
 use support::opencti::{organization, tlp_marking, Indicator, OpenCti, Then};
 use support::opencti_graphql::GraphqlDouble;
 use support::proxy::Proxy;
@@ -35,15 +34,8 @@ impl World {
         let bus = ThreatBus::start();
         let dir = tempfile::tempdir().unwrap();
         // A bridge that has run before: a stored position at the stream's first event.
-        let marking = tlp_marking("TLP:CLEAR", 1_700_000_000_000);
-        let seed = opencti.append_raw(
-            "create",
-            &serde_json::json!({"version": "4", "type": "create", "data": marking, "origin": {}})
-                .to_string(),
-        );
-        let store = Store::open(&dir.path().join("data"), &StoreOptions::default()).unwrap();
-        drop(store.set_position(&seed).unwrap());
-        store.close().unwrap();
+        let seed = opencti.append_marking();
+        store_position(&dir.path().join("data"), &seed);
         World {
             opencti,
             bus,

@@ -9,10 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use opencti_threatbus::stix::Timestamp;
-use opencti_threatbus::store::{Store, StoreOptions};
 use serde_json::Value;
-use support::bridge::{Bridge, BridgeEnv, TOKEN};
-use support::opencti::{tlp_marking, Indicator, OpenCti};
+use support::bridge::{store_position, Bridge, BridgeEnv, TOKEN};
+use support::opencti::{Indicator, OpenCti};
 use support::opencti_graphql::GraphqlDouble;
 use support::threatbus::{TestApp, ThreatBus};
 
@@ -35,15 +34,8 @@ impl World {
         opencti.set_clock_ms(now - 40 * DAY_MS);
         let bus = ThreatBus::start();
         let dir = tempfile::tempdir().unwrap();
-        let marking = tlp_marking("TLP:CLEAR", 1_700_000_000_000);
-        let seed = opencti.append_raw(
-            "create",
-            &serde_json::json!({"version": "4", "type": "create", "data": marking, "origin": {}})
-                .to_string(),
-        );
-        let store = Store::open(&dir.path().join("data"), &StoreOptions::default()).unwrap();
-        drop(store.set_position(&seed).unwrap());
-        store.close().unwrap();
+        let seed = opencti.append_marking();
+        store_position(&dir.path().join("data"), &seed);
         World {
             opencti,
             bus,

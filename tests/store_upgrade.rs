@@ -15,7 +15,7 @@ use opencti_threatbus::store::{Forwarded, Queue, Store, StoreOptions, CURRENT_FO
 use serde::Serialize;
 use serde_json::{json, Value};
 use support::bridge::{Bridge, BridgeEnv, TOKEN};
-use support::opencti::{tlp_marking, Indicator, OpenCti};
+use support::opencti::{Indicator, OpenCti};
 use support::opencti_graphql::GraphqlDouble;
 use support::threatbus::{TestApp, ThreatBus};
 
@@ -192,11 +192,7 @@ fn the_daemon_upgrades_a_version_1_store_and_delivers_what_it_held() {
     let bus = ThreatBus::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let marking = tlp_marking("TLP:CLEAR", 1_700_000_000_000);
-    let position = opencti.append_raw(
-        "create",
-        &json!({"version": "4", "type": "create", "data": marking, "origin": {}}).to_string(),
-    );
+    let position = opencti.append_marking();
     let queued: Vec<Value> = (0..30)
         .map(|i| {
             let id = format!("indicator--{}", uuid::Uuid::new_v4());

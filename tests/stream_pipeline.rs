@@ -94,10 +94,7 @@ impl Running {
 /// A stream that already has history, and a stored position at its first event: a bridge
 /// that has been running, not a first start (and no gap).
 fn with_history(double: &OpenCti) -> String {
-    let marking = tlp_marking("TLP:CLEAR", 1_700_000_000_000);
-    let event =
-        serde_json::json!({"version": "4", "type": "create", "data": marking, "origin": {}});
-    double.append_raw("create", &event.to_string())
+    double.append_marking()
 }
 
 fn resume_at(position: String) -> impl FnOnce(&Store) {

@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_opencti-threatbus");
 pub const TOKEN: &str = "bridge-test-token";
 
+/// Stores `position` as the stream position of the (closed) store in `data_dir`, as a
+/// bridge that ran before would have left it.
+pub fn store_position(data_dir: &Path, position: &str) {
+    use opencti_threatbus::store::{Store, StoreOptions};
+    let store = Store::open(data_dir, &StoreOptions::default()).expect("open the store");
+    drop(store.set_position(position).expect("store the position"));
+    store.close().expect("close the store");
+}
+
 /// Environment for one bridge; `set` overrides or adds a variable.
 #[derive(Clone)]
 pub struct BridgeEnv {

@@ -664,6 +664,14 @@ impl OpenCti {
         self.push(state, Entry { id, frames })
     }
 
+    /// Appends the `create` of a TLP:CLEAR marking (no indicator): history that a stored
+    /// position can point at, so that a test's bridge is one that ran before. Returns its id.
+    pub fn append_marking(&self) -> String {
+        let marking = tlp_marking("TLP:CLEAR", 1_700_000_000_000);
+        let data = json!({"version": "4", "type": "create", "data": marking, "origin": {}});
+        self.append_raw("create", &data.to_string())
+    }
+
     /// Appends an event with any name and data (sent verbatim on both endpoints, one
     /// `data:` line per line of `data`). Returns its id.
     pub fn append_raw(&self, event: &str, data: &str) -> String {
