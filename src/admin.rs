@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::inspect::{self, Query, Report};
+use crate::pipeline::reconcile::{ReconcileReport, ReconcileRequest};
 use crate::store::{DeadFilter, Queue, Store};
 
 pub const SOCKET_NAME: &str = "admin.sock";
@@ -22,6 +24,9 @@ pub const SOCKET_NAME: &str = "admin.sock";
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 /// How long a client waits for the daemon before calling it unresponsive.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `reconcile` waits for its report: a pass asks OpenCTI about every active
+/// indicator, 50 per request (100,000 indicators at 0.5 s a request take ~17 min).
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -36,6 +41,9 @@ pub enum Request {
         queue: Option<Queue>,
         keys: Vec<u64>,
     },
+    /// Check every active catalog indicator against OpenCTI (the daemon only: it holds the
+    /// OpenCTI client and queues the `REMOVE`s).
+    Reconcile,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,6 +52,7 @@ pub enum Response {
     Report(Report),
     Health(Health),
     Count { count: usize },
+    Reconcile(ReconcileReport),
     Error { message: String },
 }
 
@@ -126,14 +135,22 @@ pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
     UnixListener::bind(&path).map_err(|source| AdminError::Bind { path, source })
 }
 
+/// What the daemon's admin socket can reach besides the store.
+#[derive(Clone, Default)]
+pub struct Daemon {
+    /// The reconciliation task; `None` when OpenCTI is not configured for it.
+    pub reconcile: Option<mpsc::UnboundedSender<ReconcileRequest>>,
+}
+
 /// Answers requests until the task is dropped.
-pub async fn serve(listener: UnixListener, store: Arc<Store>, status: Arc<Status>) {
+pub async fn serve(listener: UnixListener, store: Arc<Store>, status: Arc<Status>, daemon: Daemon) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let (store, status) = (Arc::clone(&store), Arc::clone(&status));
+                let daemon = daemon.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, store, status).await {
+                    if let Err(e) = answer(stream, store, status, daemon).await {
                         tracing::debug!(error = %e, "admin connection failed");
                     }
                 });
@@ -146,13 +163,19 @@ pub async fn serve(listener: UnixListener, store: Arc<Store>, status: Arc<Status
     }
 }
 
-async fn answer(stream: UnixStream, store: Arc<Store>, status: Arc<Status>) -> std::io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    store: Arc<Store>,
+    status: Arc<Status>,
+    daemon: Daemon,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES))
         .read_line(&mut line)
         .await?;
     let response = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Reconcile) => reconcile(&daemon).await,
         // Store calls block (scans, flushes): keep them off the async workers.
         Ok(request) => {
             tokio::task::spawn_blocking(move || handle(&store, &status, request, "daemon"))
@@ -171,6 +194,27 @@ async fn answer(stream: UnixStream, store: Arc<Store>, status: Arc<Status>) -> s
     write.shutdown().await
 }
 
+/// Hands a `reconcile` request to the reconciliation task and waits for its report.
+async fn reconcile(daemon: &Daemon) -> Response {
+    let Some(tasks) = &daemon.reconcile else {
+        return Response::Error {
+            message: "reconciliation is not running in this daemon".into(),
+        };
+    };
+    let (reply, report) = oneshot::channel();
+    if tasks.send(ReconcileRequest::OnDemand { reply }).is_err() {
+        return Response::Error {
+            message: "the reconciliation task has stopped".into(),
+        };
+    }
+    match report.await {
+        Ok(report) => Response::Reconcile(report),
+        Err(_) => Response::Error {
+            message: "the daemon stopped before the reconciliation finished".into(),
+        },
+    }
+}
+
 /// Carries out one request on an open store: the daemon and the offline CLI share this.
 pub fn handle(store: &Store, status: &Status, request: Request, source: &str) -> Response {
     let result = match request {
@@ -184,6 +228,10 @@ pub fn handle(store: &Store, status: &Status, request: Request, source: &str) ->
         Request::PurgeDead { queue, keys } => store
             .purge_dead(&DeadFilter { queue, keys })
             .map(|count| Response::Count { count }),
+        // Reaches here only without a daemon (the daemon answers it in `answer`).
+        Request::Reconcile => Ok(Response::Error {
+            message: "reconcile asks the running daemon, which holds the OpenCTI client: start the bridge first".into(),
+        }),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: e.to_string(),
@@ -201,9 +249,11 @@ pub fn ask(data_dir: &Path, request: &Request) -> Result<Option<Response>, Admin
         path: path.clone(),
         source,
     };
-    stream
-        .set_read_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(exchange)?;
+    let timeout = match request {
+        Request::Reconcile => RECONCILE_TIMEOUT,
+        _ => CLIENT_TIMEOUT,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(exchange)?;
     stream
         .set_write_timeout(Some(CLIENT_TIMEOUT))
         .map_err(exchange)?;

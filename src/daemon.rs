@@ -15,6 +15,7 @@ use crate::opencti::graphql::{ConnectorRegistration, GraphqlClient};
 use crate::opencti::registration;
 use crate::opencti::stream::{StreamClient, StreamConfig};
 use crate::pipeline::intake::Intake;
+use crate::pipeline::reconcile::{ReconcileConfig, Reconciler};
 use crate::pipeline::snapshot::{SnapshotConfig, Snapshots};
 use crate::pipeline::stream::{ReaderConfig, StreamReader, DEFAULT_AUTH_RETRY};
 use crate::pipeline::to_bus::{ToBus, ToBusConfig};
@@ -59,10 +60,14 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     status.set("store", "open");
     let listener = admin::bind(&data_dir)?;
+    let (reconcile_tx, reconcile_rx) = mpsc::unbounded_channel();
     let admin_task = tokio::spawn(admin::serve(
         listener,
         Arc::clone(&store),
         Arc::clone(&status),
+        admin::Daemon {
+            reconcile: Some(reconcile_tx.clone()),
+        },
     ));
     let metrics_task = start_metrics(&config, &metrics, &store).await?;
 
@@ -131,11 +136,25 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         reader_config(&config),
         Arc::clone(&status),
         Arc::clone(&metrics),
-    )?;
+    )?
+    .with_reconcile(reconcile_tx);
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(reader.run(stop).await?) });
 
     let graphql = Arc::new(GraphqlClient::new(&config.opencti)?);
+    let reconciler = Reconciler::new(
+        Arc::clone(&store),
+        Arc::clone(&graphql),
+        ReconcileConfig {
+            forward_all_iocs: config.connector.forward_all_iocs,
+            retry: RetryPolicy::from_config(&config.bridge),
+        },
+        reconcile_rx,
+        Arc::clone(&status),
+        Arc::clone(&metrics),
+    );
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(reconciler.run(stop).await?) });
     let to_opencti = ToOpenCti::new(
         Arc::clone(&store),
         Arc::clone(&graphql),

@@ -59,6 +59,16 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Ask the running daemon to check every active indicator against OpenCTI, queue a
+    /// REMOVE for each one OpenCTI deleted, revoked, merged or no longer detects, and print
+    /// what it found.
+    Reconcile {
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Args)]
@@ -116,6 +126,9 @@ fn main() -> ExitCode {
         }
         Command::Health { store } => {
             with_data_dir(&cli.config, store, |dir| maintenance::health(&dir))
+        }
+        Command::Reconcile { json, store } => {
+            with_data_dir(&cli.config, store, |dir| maintenance::reconcile(&dir, json))
         }
     }
 }

@@ -45,6 +45,62 @@ pub fn health(data_dir: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// Only the daemon can reconcile: it holds the OpenCTI client and queues the REMOVEs.
+pub fn reconcile(data_dir: &Path, json: bool) -> anyhow::Result<String> {
+    let socket = admin::socket_path(data_dir);
+    let report = match admin::ask(data_dir, &Request::Reconcile)? {
+        Some(Response::Reconcile(report)) => report,
+        Some(other) => return Err(unexpected(other)),
+        None => bail!(
+            "no daemon answers on {}: reconcile asks the running bridge",
+            socket.display()
+        ),
+    };
+    if json {
+        return Ok(serde_json::to_string_pretty(&report)? + "\n");
+    }
+    let mut out = format!(
+        "checked {} active indicator(s) against OpenCTI in {:.1} s: {} REMOVE(s) queued",
+        report.checked,
+        report.duration_ms as f64 / 1000.0,
+        report.removed
+    );
+    if !report.by_reason.is_empty() {
+        let reasons: Vec<String> = report
+            .by_reason
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        out.push_str(&format!(" ({})", reasons.join(", ")));
+    }
+    out.push('\n');
+    for id in &report.removed_ids {
+        out.push_str(&format!("  removed {id}\n"));
+    }
+    if report.removed_ids.len() < report.removed as usize {
+        out.push_str(&format!(
+            "  … and {} more\n",
+            report.removed as usize - report.removed_ids.len()
+        ));
+    }
+    if report.changed_meanwhile > 0 {
+        out.push_str(&format!(
+            "{} found gone but changed on the stream since: left as the stream says\n",
+            report.changed_meanwhile
+        ));
+    }
+    if report.unusable > 0 {
+        out.push_str(&format!(
+            "{} catalog entr(ies) could not be turned into a REMOVE (see the daemon's log)\n",
+            report.unusable
+        ));
+    }
+    match report.error {
+        Some(error) => bail!("{out}the pass stopped early: {error}"),
+        None => Ok(out),
+    }
+}
+
 fn request(data_dir: &Path, request: Request) -> anyhow::Result<Response> {
     if let Some(response) = admin::ask(data_dir, &request)? {
         return Ok(response);

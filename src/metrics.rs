@@ -183,6 +183,12 @@ pub struct Metrics {
     pub snapshots_answered: Counter,
     /// Indicators sent in snapshot answers.
     pub snapshot_indicators: Counter,
+    /// Reconciliation passes finished (after a replay, or asked for by `reconcile`).
+    pub reconcile_runs: Counter,
+    /// Active catalog indicators looked up in OpenCTI by reconciliation.
+    pub reconcile_checked: Counter,
+    /// `REMOVE`s queued by reconciliation for indicators OpenCTI no longer has.
+    pub reconcile_removed: Counter,
     families: Families,
 }
 
@@ -199,6 +205,9 @@ impl Default for Metrics {
             snapshot_requests: Counter::default(),
             snapshots_answered: Counter::default(),
             snapshot_indicators: Counter::default(),
+            reconcile_runs: Counter::default(),
+            reconcile_checked: Counter::default(),
+            reconcile_removed: Counter::default(),
             families,
         }
     }
@@ -365,6 +374,21 @@ impl Metrics {
                 "snapshot_indicators",
                 "Indicators sent in snapshot answers",
                 &self.snapshot_indicators,
+            ),
+            (
+                "reconcile_runs",
+                "Reconciliation passes finished (after a replay, or on request)",
+                &self.reconcile_runs,
+            ),
+            (
+                "reconcile_checked",
+                "Active catalog indicators looked up in OpenCTI by reconciliation",
+                &self.reconcile_checked,
+            ),
+            (
+                "reconcile_removed",
+                "REMOVEs queued for indicators OpenCTI deleted, revoked, merged or no longer detects",
+                &self.reconcile_removed,
             ),
         ] {
             r.register(name, help, counter.0.clone());

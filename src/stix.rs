@@ -19,6 +19,7 @@
 //!   (4.x: in the object's `x_opencti_context.sources`).
 
 mod json_patch;
+pub mod reconcile;
 pub mod sighting;
 pub mod snapshot;
 #[cfg(test)]

@@ -186,3 +186,37 @@ fn the_check_rejects_invalid_documents_and_variables() {
         "{problems:?}"
     );
 }
+
+/// The batched indicator lookup of gap reconciliation is built per batch size: every size
+/// from one id to a full batch validates, variables included, against all three schemas.
+#[test]
+fn the_batched_indicator_lookup_validates_at_every_size() {
+    use opencti_threatbus::opencti::indicator_lookup::{
+        lookup_document, lookup_variables, LOOKUP_BATCH, LOOKUP_OPERATION,
+    };
+    let mut failures = Vec::new();
+    for version in VERSIONS {
+        let schema = load_schema(version);
+        for count in [1, 2, 7, LOOKUP_BATCH] {
+            let ids: Vec<String> = (0..count)
+                .map(|n| format!("indicator--c7d3e1b2-6a6c-5a4e-9b8f-{n:012x}"))
+                .collect();
+            let problems = check(
+                &schema,
+                LOOKUP_OPERATION,
+                &lookup_document(count),
+                &lookup_variables(&ids),
+            );
+            for problem in problems {
+                failures.push(format!("OpenCTI {version}, {count} ids: {problem}"));
+            }
+        }
+        // One variable short is refused: the check is not blind to the variables.
+        let short = lookup_variables(&["indicator--a".to_owned()]);
+        assert!(
+            !check(&schema, LOOKUP_OPERATION, &lookup_document(2), &short).is_empty(),
+            "a missing $id1 must be refused by {version}"
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

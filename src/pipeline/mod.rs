@@ -6,10 +6,13 @@
 //! - [`intake`]: Threat Bus subscription → sighting outbox (and echoes → `to_bus`,
 //!   snapshot requests → `snapshot`).
 //! - [`snapshot`]: Threat Bus snapshot requests → answers from the indicator catalog.
+//! - [`reconcile`]: after a replay (or on request), active catalog indicators OpenCTI no
+//!   longer has → `REMOVE`s in the indicator outbox.
 //!
 //! [`checkpoint`] holds the position rules; the backoff they share is [`crate::retry`].
 pub mod checkpoint;
 pub mod intake;
+pub mod reconcile;
 pub mod snapshot;
 pub mod stream;
 pub mod to_bus;

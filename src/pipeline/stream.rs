@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::checkpoint::{Checkpoint, EventRole};
+use super::reconcile::{ReconcileRequest, META_RECONCILE_PENDING};
 use crate::admin::Status;
 use crate::metrics::Metrics;
 use crate::opencti::stream::compare_event_ids as compare_ids;
@@ -76,6 +77,10 @@ enum Outcome {
 /// `recover` would read the raw stream from that time instead of finishing the replay. So,
 /// like pycti, every connection sends the recover date until the position has passed it.
 const META_RECOVER_UNTIL: &str = "stream_recover_until";
+/// Store meta key of when the replay in force started (ms since the epoch, wall clock):
+/// catalog entries recorded before it and not since were not refreshed by the replay, and
+/// are what reconciliation checks once it has finished.
+const META_RECOVER_STARTED: &str = "stream_recover_started_ms";
 
 pub struct StreamReader {
     recover_until: Option<String>,
@@ -85,6 +90,9 @@ pub struct StreamReader {
     status: Arc<Status>,
     metrics: Arc<Metrics>,
     checkpoint: Checkpoint,
+    /// Told when a replay has finished (gap reconciliation); none in tests that run the
+    /// reader alone.
+    reconcile: Option<mpsc::UnboundedSender<ReconcileRequest>>,
 }
 
 /// What one burst of events adds to the store.
@@ -116,7 +124,14 @@ impl StreamReader {
             status,
             metrics,
             checkpoint,
+            reconcile: None,
         })
+    }
+
+    /// Asks `reconcile` for a pass whenever a replay finishes.
+    pub fn with_reconcile(mut self, reconcile: mpsc::UnboundedSender<ReconcileRequest>) -> Self {
+        self.reconcile = Some(reconcile);
+        self
     }
 
     /// Reads until `shutdown` turns true. Only a store failure ends it early.
@@ -195,7 +210,11 @@ impl StreamReader {
 
     fn start_recovery(&mut self, until: String) -> Result<(), ReaderError> {
         tracing::info!(until = %until, "replaying the current state up to this date (recover mode)");
-        drop(self.store.set_meta(META_RECOVER_UNTIL, &until)?);
+        let started = crate::store::now_ms().to_string();
+        drop(self.store.update_meta(&[
+            (META_RECOVER_UNTIL, Some(until.as_str())),
+            (META_RECOVER_STARTED, Some(started.as_str())),
+        ])?);
         self.recover_until = Some(until);
         Ok(())
     }
@@ -215,8 +234,19 @@ impl StreamReader {
         if let (Some(until_ms), Some(position_ms)) = (until_ms, position_ms) {
             if position_ms > until_ms {
                 tracing::info!(position, "replay finished: following the live stream");
-                drop(self.store.remove_meta(META_RECOVER_UNTIL)?);
+                // One write: a pass is recorded exactly when the replay is over. A store
+                // from before reconciliation has no start: then every entry is checked.
+                let started = self.store.meta(META_RECOVER_STARTED)?;
+                let pending = started.as_deref().unwrap_or("0");
+                drop(self.store.update_meta(&[
+                    (META_RECONCILE_PENDING, Some(pending)),
+                    (META_RECOVER_UNTIL, None),
+                    (META_RECOVER_STARTED, None),
+                ])?);
                 self.recover_until = None;
+                if let Some(reconcile) = &self.reconcile {
+                    let _ = reconcile.send(ReconcileRequest::AfterReplay);
+                }
             }
         }
         Ok(())

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use super::record::{decode, encode, TAG_CATALOG};
-use super::{Store, StoreError};
+use super::{Commit, Durable, Queue, Store, StoreError};
 
 /// The last operation the bridge queued for Threat Bus for one indicator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -231,6 +231,54 @@ impl Store {
     }
 }
 
+/// A `REMOVE` to queue for an indicator found gone, if its catalog entry is still the one
+/// the decision was made on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub stix_id: String,
+    /// `recorded_at_ms` and `modified_ms` of the entry as read before asking OpenCTI.
+    pub seen_recorded_at_ms: u64,
+    pub seen_modified_ms: i64,
+    /// The `REMOVE` object as it is to be sent.
+    pub body: Vec<u8>,
+}
+
+impl Store {
+    /// Queues each removal whose catalog entry is unchanged since it was read, with its
+    /// tombstone, in one atomic write; returns the ids queued. An entry the stream reader
+    /// rewrote meanwhile (OpenCTI changed the indicator again after the lookup) is left
+    /// alone: the stream's newer word wins over the lookup's older one. Checked under the
+    /// indicator write lock, so no stream commit can slip between check and write.
+    pub fn commit_removals(
+        &self,
+        removals: Vec<Removal>,
+    ) -> Result<(Vec<String>, Durable), StoreError> {
+        let _order = super::lock(&self.range(Queue::Indicators).write);
+        let mut queued = Vec::new();
+        let mut commit = Commit::default();
+        for removal in removals {
+            let unchanged = self.catalog_get(&removal.stix_id)?.is_some_and(|entry| {
+                entry.operation.is_active()
+                    && entry.recorded_at_ms == removal.seen_recorded_at_ms
+                    && entry.modified_ms == removal.seen_modified_ms
+            });
+            if !unchanged {
+                continue;
+            }
+            commit.catalog.push(CatalogUpdate {
+                stix_id: removal.stix_id.clone(),
+                operation: Forwarded::Remove,
+                modified_ms: removal.seen_modified_ms,
+                body: Vec::new(),
+            });
+            commit.items.push(removal.body);
+            queued.push(removal.stix_id);
+        }
+        let durable = self.commit_locked(Queue::Indicators, commit, super::now_ms())?;
+        Ok((queued, durable))
+    }
+}
+
 /// Queue items read per batch when a format-1 store is upgraded.
 const UPGRADE_CHUNK: usize = 1000;
 
@@ -405,6 +453,49 @@ mod tests {
             .map(|(_, id)| id.clone())
             .collect();
         assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn a_removal_is_queued_only_while_its_entry_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        commit(
+            &store,
+            vec![
+                update("indicator--a", Forwarded::Create, 1),
+                update("indicator--b", Forwarded::Create, 2),
+                update("indicator--c", Forwarded::Create, 3),
+            ],
+        );
+        let seen = |id: &str| store.catalog_get(id).unwrap().unwrap();
+        let removal = |id: &str| {
+            let entry = seen(id);
+            Removal {
+                stix_id: id.to_owned(),
+                seen_recorded_at_ms: entry.recorded_at_ms,
+                seen_modified_ms: entry.modified_ms,
+                body: format!(r#"{{"id":"{id}","x_threatbus_update":"REMOVE"}}"#).into_bytes(),
+            }
+        };
+        let (a, b, c) = (
+            removal("indicator--a"),
+            removal("indicator--b"),
+            removal("indicator--c"),
+        );
+        // After the lookup, the stream edits b: its removal must not be queued.
+        commit(&store, vec![update("indicator--b", Forwarded::Edit, 5)]);
+        let queued_before = store.len(Queue::Indicators);
+        let (queued, durable) = store.commit_removals(vec![a, b, c.clone()]).unwrap();
+        durable.wait_blocking().unwrap();
+        assert_eq!(queued, ["indicator--a", "indicator--c"]);
+        assert_eq!(store.len(Queue::Indicators), queued_before + 2);
+        assert_eq!(seen("indicator--a").operation, Forwarded::Remove);
+        assert_eq!(seen("indicator--b").operation, Forwarded::Edit);
+        assert_eq!(store.catalog_size(), size(1, 3));
+        // A second pass finds c removed already: nothing is queued twice.
+        let (queued, _) = store.commit_removals(vec![c]).unwrap();
+        assert!(queued.is_empty());
+        assert_eq!(store.len(Queue::Indicators), queued_before + 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub use catalog::{CatalogEntry, CatalogSize, CatalogUpdate, Forwarded};
+pub use catalog::{CatalogEntry, CatalogSize, CatalogUpdate, Forwarded, Removal};
 pub use commit::Durable;
 pub use error::StoreError;
 pub use migrate::CURRENT_FORMAT;
@@ -202,9 +202,29 @@ impl Store {
                 return Err(StoreError::CatalogOnSightings);
             }
         }
-        let now = now_ms();
+        let _order = lock(&self.range(queue).write);
+        self.commit_locked(
+            queue,
+            Commit {
+                items: payloads,
+                parked,
+                catalog,
+                position,
+            },
+            now_ms(),
+        )
+    }
+
+    /// [`Store::commit`] once the queue's write lock is held (the caller may have read the
+    /// catalog under it, see [`Store::commit_removals`]).
+    fn commit_locked(&self, queue: Queue, commit: Commit, now: u64) -> Result<Durable, StoreError> {
+        let Commit {
+            items: payloads,
+            parked,
+            catalog,
+            position,
+        } = commit;
         let range = self.range(queue);
-        let _order = lock(&range.write);
         let _dead_order = (!parked.is_empty()).then(|| lock(&self.dead.write));
         let mut batch = sled::Batch::default();
         let items = payloads.len();
@@ -276,6 +296,19 @@ impl Store {
 
     pub fn remove_meta(&self, name: &str) -> Result<Durable, StoreError> {
         self.tree.remove(meta_key(name))?;
+        Ok(self.commit.register(0))
+    }
+
+    /// Sets (`Some`) or removes (`None`) several metadata values in one atomic write.
+    pub fn update_meta(&self, changes: &[(&str, Option<&str>)]) -> Result<Durable, StoreError> {
+        let mut batch = sled::Batch::default();
+        for (name, value) in changes {
+            match value {
+                Some(value) => batch.insert(meta_key(name), value.as_bytes()),
+                None => batch.remove(meta_key(name)),
+            }
+        }
+        self.tree.apply_batch(batch)?;
         Ok(self.commit.register(0))
     }
 

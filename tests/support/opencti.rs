@@ -521,6 +521,16 @@ impl OpenCti {
             .route("/stream/{id}", get(live_stream))
             .with_state(Arc::clone(&shared));
         if let Some(graphql) = graphql {
+            let database = Arc::clone(&shared);
+            graphql.set_indicator_source(Arc::new(move |id| {
+                let state = database.lock();
+                state.objects.values().find_map(|stored| {
+                    let stix = &stored.stix;
+                    let internal = stix["extensions"][OCTI_EXT]["id"].as_str();
+                    let matches = stix["id"].as_str() == Some(id) || internal == Some(id);
+                    (matches && stix["type"] == "indicator").then(|| graphql_indicator(stix))
+                })
+            }));
             app = app.merge(super::opencti_graphql::router(graphql));
         }
         let thread = std::thread::Builder::new()
@@ -1027,6 +1037,33 @@ fn store_object(state: &mut State, stix: Value, fallback_ms: u64) {
 }
 
 /// The 6.x STIX form of an indicator, as in `stream-sample.txt`.
+/// A stored STIX indicator as OpenCTI's GraphQL API shows it (the fields the bridge's
+/// documents select; the rest are answered null by the projection).
+fn graphql_indicator(stix: &Value) -> Value {
+    let ext = &stix["extensions"][OCTI_EXT];
+    json!({
+        "__typename": "Indicator",
+        "id": ext["id"],
+        "standard_id": stix["id"],
+        "entity_type": "Indicator",
+        "created": stix["created"],
+        "modified": stix["modified"],
+        "revoked": stix["revoked"].as_bool().unwrap_or(false),
+        "confidence": stix["confidence"],
+        "name": stix["name"],
+        "description": stix["description"],
+        "pattern": stix["pattern"],
+        "pattern_type": stix["pattern_type"],
+        "valid_from": stix["valid_from"],
+        "valid_until": stix["valid_until"],
+        "x_opencti_score": ext["score"],
+        "x_opencti_detection": ext["detection"],
+        "x_opencti_main_observable_type": ext["main_observable_type"],
+        "objectMarking": [],
+        "objectLabel": [],
+    })
+}
+
 fn indicator_stix(state: &State, ind: &Indicator, created_ms: u64, updated_ms: u64) -> Value {
     let created = iso_from_ms(created_ms);
     let updated = iso_from_ms(updated_ms);

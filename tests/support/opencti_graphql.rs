@@ -162,6 +162,7 @@ struct State {
     auth_failure: bool,
     error_style: ErrorStyle,
     validation_status: Option<u16>,
+    indicator_lookups: usize,
 }
 
 struct Inner {
@@ -173,7 +174,13 @@ struct Inner {
     /// the schema only, and parsing and validating each request again cost about half of
     /// the double's CPU per request (the bridge sends the same few documents every time).
     valid_documents: Mutex<HashMap<String, Arc<Valid<ExecutableDocument>>>>,
+    /// Where `indicator(id:)` looks after the seeded indicators: the stream double's
+    /// "database" when both run on one address (see [`GraphqlDouble::set_indicator_source`]).
+    indicator_source: Mutex<Option<IndicatorSource>>,
 }
+
+/// Answers `indicator(id:)` with the GraphQL shape of an indicator the platform holds.
+pub type IndicatorSource = Arc<dyn Fn(&str) -> Option<Value> + Send + Sync>;
 
 /// Distinct valid documents remembered at most (the bridge sends a handful).
 const DOCUMENT_CACHE_LIMIT: usize = 64;
@@ -317,6 +324,7 @@ impl GraphqlDouble {
                 token: token.to_owned(),
                 state: Mutex::new(State::default()),
                 valid_documents: Mutex::default(),
+                indicator_source: Mutex::default(),
             }),
         }
     }
@@ -330,6 +338,21 @@ impl GraphqlDouble {
     }
 
     // --- seeding -----------------------------------------------------------------------
+
+    /// Indicators not seeded here are looked up in `source` (the stream double installs
+    /// its stored objects, so the API and the stream agree on what OpenCTI holds).
+    pub fn set_indicator_source(&self, source: IndicatorSource) {
+        *self
+            .inner
+            .indicator_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
+    /// `indicator(id:)` requests answered so far (each alias of a batched lookup counts).
+    pub fn indicator_lookups(&self) -> usize {
+        self.state().indicator_lookups
+    }
 
     /// Adds an indicator (a JSON object with at least `id` and `standard_id`; the fields
     /// of the `indicator` query are answered from it). Sightings may then point at either id.
@@ -741,11 +764,17 @@ impl GraphqlDouble {
                 Err(OpenCtiError::auth_required())
             } else {
                 let arguments = field_arguments(field, &variables);
+                let source = self
+                    .inner
+                    .indicator_source
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 let mut state = self.state();
                 if is_mutation {
                     state.mutation(field.name.as_str(), &arguments)
                 } else {
-                    state.query(field.name.as_str(), &arguments)
+                    state.query(field.name.as_str(), &arguments, source.as_ref())
                 }
             };
             match result {
@@ -962,6 +991,7 @@ impl State {
         &mut self,
         field: &str,
         arguments: &Map<String, Value>,
+        source: Option<&IndicatorSource>,
     ) -> Result<Value, OpenCtiError> {
         match field {
             "stixDomainObjects" => {
@@ -1012,7 +1042,12 @@ impl State {
             }
             "indicator" => {
                 let id = string_arg(arguments, "id").unwrap_or_default();
-                Ok(self.indicator_by_any_id(id).cloned().unwrap_or(Value::Null))
+                self.indicator_lookups += 1;
+                Ok(self
+                    .indicator_by_any_id(id)
+                    .cloned()
+                    .or_else(|| source.and_then(|source| source(id)))
+                    .unwrap_or(Value::Null))
             }
             other => Err(OpenCtiError::new(
                 "UNSUPPORTED_ERROR",
