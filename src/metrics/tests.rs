@@ -62,7 +62,7 @@ fn series_before_prometheus_client() -> BTreeSet<String> {
     expected
 }
 
-/// What the indicator catalog and snapshot answers (store format 2) added.
+/// What the indicator catalog, snapshot answers (store format 2) and reconciliation added.
 fn series_of_the_catalog() -> BTreeSet<String> {
     let mut added = BTreeSet::new();
     for state in ["active", "removed"] {
@@ -74,6 +74,10 @@ fn series_of_the_catalog() -> BTreeSet<String> {
         "snapshot_requests_total",
         "snapshots_answered_total",
         "snapshot_indicators_total",
+        // Gap reconciliation.
+        "reconcile_runs_total",
+        "reconcile_checked_total",
+        "reconcile_removed_total",
     ] {
         added.insert(format!("opencti_threatbus_{name}"));
     }
