@@ -18,6 +18,7 @@
 //!   updates and merges; a merge also lists the merged-away objects in `context.sources`
 //!   (4.x: in the object's `x_opencti_context.sources`).
 
+pub mod import;
 mod json_patch;
 pub mod reconcile;
 pub mod sighting;
