@@ -17,6 +17,11 @@ use opencti_threatbus::opencti::graphql::{
     ping_connector_variables, register_connector_variables, sighting_add_variables,
     ConnectorRegistration, SightingInput,
 };
+use opencti_threatbus::opencti::indicator_import::{
+    import_target_variables, indicator_add_variables, indicator_patch_variables,
+    IMPORT_ADD_OPERATION, IMPORT_PATCH_OPERATION, IMPORT_TARGET_OPERATION,
+};
+use opencti_threatbus::stix::import::{FieldChange, ImportIndicator};
 use opencti_threatbus::stix::{sighting_from_value, Timestamp};
 
 const VERSIONS: [&str; 3] = ["5.12.33", "6.0.5", "6.9.28"];
@@ -91,8 +96,46 @@ fn example_variables(operation: &str) -> Option<Value> {
             sighting_add_variables(&input)
         }
         "Indicator" => indicator_variables(indicator),
+        IMPORT_TARGET_OPERATION => import_target_variables(indicator),
+        IMPORT_ADD_OPERATION => indicator_add_variables(&import_example()),
+        IMPORT_PATCH_OPERATION => {
+            let until = Timestamp::parse("2024-06-01T00:00:00Z").unwrap_or_else(|e| panic!("{e}"));
+            indicator_patch_variables(
+                "7b0e4a3c-2f5d-4e61-8a9b-0c1d2e3f4a5b",
+                &[
+                    FieldChange::Name("C2 server".into()),
+                    FieldChange::Description("seen by Zeek".into()),
+                    FieldChange::Pattern("[ipv4-addr:value = '203.0.113.8']".into()),
+                    FieldChange::PatternType("stix".into()),
+                    FieldChange::ValidFrom(until),
+                    FieldChange::ValidUntil(until),
+                    FieldChange::Confidence(90),
+                ],
+            )
+        }
         _ => return None,
     })
+}
+
+/// An indicator from another Threat Bus app with every field the import sends.
+fn import_example() -> ImportIndicator {
+    ImportIndicator::from_stix(&serde_json::json!({
+        "type": "indicator",
+        "spec_version": "2.1",
+        "id": "indicator--8e2e2d2b-17d4-4cbf-938f-98ee46b3cd3f",
+        "created": "2024-03-01T10:00:00Z",
+        "modified": "2024-03-01T10:00:00Z",
+        "name": "C2 server",
+        "description": "seen by Zeek",
+        "pattern": "[ipv4-addr:value = '203.0.113.7']",
+        "pattern_type": "stix",
+        "pattern_version": "2.1",
+        "valid_from": "2024-03-01T10:00:00Z",
+        "valid_until": "2024-06-01T10:00:00Z",
+        "confidence": 80,
+        "labels": ["c2"],
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The problems of one document with its variables against one schema, as text.
@@ -219,4 +262,80 @@ fn the_batched_indicator_lookup_validates_at_every_size() {
         );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The import documents are checked for real: a wrong input field, a wrong edit
+/// operation, a missing required input field and an unknown selected field are refused by
+/// every version.
+#[test]
+fn the_check_rejects_invalid_import_documents_and_variables() {
+    let documents = all_documents();
+    let document = |name: &str| {
+        documents
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, d)| *d)
+            .unwrap_or_else(|| panic!("{name} is not in all_documents()"))
+    };
+    let add = document(IMPORT_ADD_OPERATION);
+    let patch = document(IMPORT_PATCH_OPERATION);
+    let good_add = indicator_add_variables(&import_example());
+    let good_patch =
+        example_variables(IMPORT_PATCH_OPERATION).unwrap_or_else(|| panic!("no variables"));
+    for version in VERSIONS {
+        let schema = load_schema(version);
+        assert!(check(&schema, IMPORT_ADD_OPERATION, add, &good_add).is_empty());
+
+        // `labels` is STIX's name; OpenCTI's input field is `objectLabel`.
+        let mut wrong_field = good_add.clone();
+        wrong_field["input"]["labels"] = serde_json::json!(["c2"]);
+        let problems = check(&schema, IMPORT_ADD_OPERATION, add, &wrong_field);
+        assert!(
+            problems.iter().any(|p| p.contains("labels")),
+            "{version}: {problems:?}"
+        );
+
+        let mut no_pattern = good_add.clone();
+        if let Some(input) = no_pattern["input"].as_object_mut() {
+            input.remove("pattern");
+        }
+        let problems = check(&schema, IMPORT_ADD_OPERATION, add, &no_pattern);
+        assert!(
+            problems.iter().any(|p| p.contains("pattern")),
+            "{version}: {problems:?}"
+        );
+
+        let mut wrong_operation = good_patch.clone();
+        wrong_operation["input"][0]["operation"] = serde_json::json!("set");
+        let problems = check(&schema, IMPORT_PATCH_OPERATION, patch, &wrong_operation);
+        assert!(
+            !problems.is_empty(),
+            "{version}: operation \"set\" must be refused"
+        );
+
+        let mut wrong_edit_field = good_patch.clone();
+        wrong_edit_field["input"][0]["field"] = serde_json::json!("name");
+        let problems = check(&schema, IMPORT_PATCH_OPERATION, patch, &wrong_edit_field);
+        assert!(
+            problems.iter().any(|p| p.contains("field")),
+            "{version}: {problems:?}"
+        );
+
+        let bogus = patch.replace("x_opencti_stix_ids", "x_opencti_stix_ids\n    bogus_field");
+        let problems = check(&schema, IMPORT_PATCH_OPERATION, &bogus, &good_patch);
+        assert!(
+            problems.iter().any(|p| p.contains("bogus_field")),
+            "{version}: {problems:?}"
+        );
+    }
+    // A 6.9-only input field is refused by 5.12.33 and 6.0.5.
+    let mut newer = good_add;
+    newer["input"]["x_opencti_modified_at"] = serde_json::json!("2024-03-01T10:00:00Z");
+    for version in ["5.12.33", "6.0.5"] {
+        let problems = check(&load_schema(version), IMPORT_ADD_OPERATION, add, &newer);
+        assert!(
+            problems.iter().any(|p| p.contains("x_opencti_modified_at")),
+            "{version}: {problems:?}"
+        );
+    }
 }

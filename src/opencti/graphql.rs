@@ -139,14 +139,16 @@ pub const INDICATOR: &str = r#"query Indicator($id: String!) {
 
 /// Every document the client can send, by operation name.
 pub fn all_documents() -> Vec<(&'static str, &'static str)> {
-    vec![
+    let mut documents = vec![
         ("RegisterConnector", REGISTER_CONNECTOR),
         ("PingConnector", PING_CONNECTOR),
         ("StixDomainObjects", ORGANIZATION_BY_NAME),
         ("OrganizationAdd", ORGANIZATION_ADD),
         ("StixSightingRelationshipAdd", SIGHTING_ADD),
         ("Indicator", INDICATOR),
-    ]
+    ];
+    documents.extend(super::indicator_import::import_documents());
+    documents
 }
 
 // ---------------------------------------------------------------------------------------

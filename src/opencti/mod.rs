@@ -5,8 +5,10 @@
 //! the pipeline's job. [`graphql`] sends the few documents the bridge needs and classifies
 //! every failure as retryable, permanent or an authentication problem; [`registration`]
 //! keeps the connector listed in OpenCTI; [`indicator_lookup`] asks about many indicators
-//! in one request (gap reconciliation).
+//! in one request (gap reconciliation); [`indicator_import`] creates or patches indicators
+//! other Threat Bus apps publish.
 pub mod graphql;
+pub mod indicator_import;
 pub mod indicator_lookup;
 pub mod registration;
 pub mod stream;
