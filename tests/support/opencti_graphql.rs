@@ -13,7 +13,16 @@
 //!   counted per `stix_id`; an unknown `fromId`/`toId`/`createdBy` is answered with
 //!   `MISSING_REFERENCE_ERROR` (unless [`GraphqlDouble::accept_any_from_id`]);
 //! - `registerConnector`, `pingConnector` (recorded);
-//! - `indicator(id)` (seeded with [`GraphqlDouble::seed_indicator`]).
+//! - `indicator(id)` (seeded with [`GraphqlDouble::seed_indicator`], or created below),
+//!   found by internal id, `standard_id` or any of `x_opencti_stix_ids`;
+//! - `indicatorAdd`: stored like OpenCTI does (a standard id of its own, the input's
+//!   `stix_id` kept in `x_opencti_stix_ids`; the same pattern again upserts into the
+//!   existing indicator); a `stix` pattern without a value is refused with
+//!   `FUNCTIONAL_ERROR`, as OpenCTI's syntax check does;
+//! - `indicatorFieldPatch`: `replace` of single-valued attributes, `modified` stamped
+//!   "now", a new pattern gets a new standard id (the old one joins the STIX ids); every
+//!   input recorded ([`GraphqlDouble::indicator_patches`]), writes counted per STIX id
+//!   ([`GraphqlDouble::indicator_writes`]).
 //!
 //! A bad or missing `Authorization: Bearer <token>` is answered as OpenCTI does: HTTP 200,
 //! `AUTH_REQUIRED` for every root field. Faults: [`GraphqlDouble::set_bad_gateway`],
@@ -163,6 +172,12 @@ struct State {
     error_style: ErrorStyle,
     validation_status: Option<u16>,
     indicator_lookups: usize,
+    /// Every `indicatorAdd` input that reached execution.
+    indicator_adds: Vec<Value>,
+    /// Every `indicatorFieldPatch` call that reached execution: `(id, input)`.
+    indicator_patches: Vec<(String, Value)>,
+    /// Creates and patches per STIX id (each of the indicator's ids at write time).
+    indicator_writes: HashMap<String, usize>,
 }
 
 struct Inner {
@@ -394,6 +409,30 @@ impl GraphqlDouble {
         indicator
     }
 
+    /// The indicator OpenCTI holds under this internal id, standard id or other STIX id.
+    pub fn indicator(&self, id: &str) -> Option<Value> {
+        self.state().indicator_by_any_id(id).cloned()
+    }
+
+    /// Every `indicatorAdd` input that reached execution, in order.
+    pub fn indicator_adds(&self) -> Vec<Value> {
+        self.state().indicator_adds.clone()
+    }
+
+    /// Every `indicatorFieldPatch` call that reached execution: `(id, input)`.
+    pub fn indicator_patches(&self) -> Vec<(String, Value)> {
+        self.state().indicator_patches.clone()
+    }
+
+    /// Creates and patches that reached the indicator with this STIX id (0 if none).
+    pub fn indicator_writes(&self, stix_id: &str) -> usize {
+        self.state()
+            .indicator_writes
+            .get(stix_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Adds an organization; returns its internal id.
     pub fn seed_organization(&self, name: &str, description: Option<&str>) -> String {
         self.state()
@@ -515,10 +554,27 @@ impl State {
             .find(|o| o.id == id || o.standard_id == id)
     }
 
+    fn indicator_index(&self, id: &str) -> Option<usize> {
+        self.indicators.iter().position(|i| {
+            i["id"].as_str() == Some(id)
+                || i["standard_id"].as_str() == Some(id)
+                || strings(i.get("x_opencti_stix_ids")).iter().any(|s| s == id)
+        })
+    }
+
     fn indicator_by_any_id(&self, id: &str) -> Option<&Value> {
-        self.indicators
-            .iter()
-            .find(|i| i["id"].as_str() == Some(id) || i["standard_id"].as_str() == Some(id))
+        self.indicator_index(id)
+            .map(|index| &self.indicators[index])
+    }
+
+    /// One more write on the indicator at `index`, counted under each of its STIX ids.
+    fn count_indicator_write(&mut self, index: usize) {
+        let indicator = &self.indicators[index];
+        let mut ids = strings(indicator.get("x_opencti_stix_ids"));
+        ids.extend(strings(indicator.get("standard_id")));
+        for id in ids {
+            *self.indicator_writes.entry(id).or_default() += 1;
+        }
     }
 
     fn knows(&self, id: &str) -> bool {
@@ -970,6 +1026,26 @@ fn ast_value(value: &ast::Value, variables: &Value) -> Value {
     }
 }
 
+/// A stand-in for OpenCTI's STIX pattern syntax check: every comparison operator is
+/// followed by a value (a quoted literal, a number, a boolean…), so `[ipv4-addr:value = ]`
+/// is refused although the bridge's light check lets it through.
+fn stix_pattern_has_value(pattern: &str) -> bool {
+    let comparisons: Vec<&str> = pattern
+        .split('[')
+        .skip(1)
+        .filter_map(|c| c.split(']').next())
+        .collect();
+    !comparisons.is_empty()
+        && comparisons.iter().all(|comparison| {
+            let value = comparison
+                .rsplit(['=', '>', '<'])
+                .next()
+                .unwrap_or_default()
+                .trim();
+            !value.is_empty()
+        })
+}
+
 fn string_arg<'a>(arguments: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
     arguments.get(name).and_then(Value::as_str)
 }
@@ -1115,12 +1191,163 @@ impl State {
                 Ok(organization_json(&organization))
             }
             "stixSightingRelationshipAdd" => self.add_sighting(input),
+            "indicatorAdd" => self.add_indicator(input),
+            "indicatorFieldPatch" => {
+                let id = string_arg(arguments, "id").unwrap_or_default().to_owned();
+                self.patch_indicator(id, input)
+            }
             other => Err(OpenCtiError::new(
                 "UNSUPPORTED_ERROR",
                 format!("the test double does not implement Mutation.{other}"),
                 json!({}),
             )),
         }
+    }
+
+    fn add_indicator(&mut self, input: Value) -> Result<Value, OpenCtiError> {
+        self.indicator_adds.push(input.clone());
+        let text = |key: &str| input.get(key).and_then(Value::as_str).map(str::to_owned);
+        let pattern = text("pattern").unwrap_or_default();
+        let pattern_type = text("pattern_type").unwrap_or_default();
+        // The `name` constraint (minLength 2, not blank) of every version.
+        if text("name").is_none_or(|n| n.trim().chars().count() < 2) {
+            return Err(OpenCtiError::new(
+                "ERR_GRAPHQL_CONSTRAINT_VALIDATION",
+                "Variable \"$input\" got invalid value; Expected type \"name_String_NotNull_minLength_2\"",
+                json!({ "field": "name" }),
+            ));
+        }
+        if pattern_type == "stix" && !stix_pattern_has_value(&pattern) {
+            return Err(OpenCtiError::new(
+                "FUNCTIONAL_ERROR",
+                "Indicator of type stix is not correctly formatted.",
+                json!({ "pattern": pattern }),
+            ));
+        }
+        let stix_id = text("stix_id");
+        // OpenCTI derives an indicator's standard id from its pattern: the same pattern
+        // again is an upsert into that indicator, which keeps the new STIX id too.
+        let same_pattern = self
+            .indicators
+            .iter()
+            .position(|i| i["pattern"].as_str() == Some(pattern.as_str()));
+        let index = match same_pattern {
+            Some(index) => {
+                if let Some(stix_id) = &stix_id {
+                    let indicator = &mut self.indicators[index];
+                    let mut ids = strings(indicator.get("x_opencti_stix_ids"));
+                    if indicator["standard_id"].as_str() != Some(stix_id) && !ids.contains(stix_id)
+                    {
+                        ids.push(stix_id.clone());
+                    }
+                    indicator["x_opencti_stix_ids"] = json!(ids);
+                }
+                index
+            }
+            None => {
+                let now = Timestamp::now().to_rfc3339_millis();
+                let standard_id = format!("indicator--{}", uuid::Uuid::new_v4());
+                let stix_ids: Vec<String> = stix_id.into_iter().collect();
+                let field = |key: &str| input.get(key).cloned().unwrap_or(Value::Null);
+                let or_now = |key: &str| text(key).map_or(json!(now), |t| json!(t));
+                self.indicators.push(json!({
+                    "__typename": "Indicator",
+                    "id": uuid::Uuid::new_v4().to_string(),
+                    "standard_id": standard_id,
+                    "x_opencti_stix_ids": stix_ids,
+                    "entity_type": "Indicator",
+                    "created": or_now("created"),
+                    "modified": or_now("modified"),
+                    "revoked": input.get("revoked").and_then(Value::as_bool).unwrap_or(false),
+                    "confidence": field("confidence"),
+                    "name": field("name"),
+                    "description": field("description"),
+                    "pattern": pattern,
+                    "pattern_type": pattern_type,
+                    "pattern_version": field("pattern_version"),
+                    "indicator_types": field("indicator_types"),
+                    "valid_from": or_now("valid_from"),
+                    "valid_until": field("valid_until"),
+                    "x_opencti_score": field("x_opencti_score"),
+                    "x_opencti_detection": input.get("x_opencti_detection").and_then(Value::as_bool).unwrap_or(false),
+                    "x_opencti_main_observable_type": field("x_opencti_main_observable_type"),
+                    "createdBy": null,
+                    "objectMarking": [],
+                    "objectLabel": [],
+                }));
+                self.indicators.len() - 1
+            }
+        };
+        self.count_indicator_write(index);
+        Ok(self.indicators[index].clone())
+    }
+
+    fn patch_indicator(&mut self, id: String, input: Value) -> Result<Value, OpenCtiError> {
+        self.indicator_patches.push((id.clone(), input.clone()));
+        let Some(index) = self.indicator_index(&id) else {
+            return Err(OpenCtiError::new(
+                "FUNCTIONAL_ERROR",
+                "Cant find element to update",
+                json!({ "id": id }),
+            ));
+        };
+        // Counted before applying: an empty or refused patch is a write attempt too.
+        self.count_indicator_write(index);
+        const EDITABLE: &[&str] = &[
+            "name",
+            "description",
+            "pattern",
+            "pattern_type",
+            "pattern_version",
+            "valid_from",
+            "valid_until",
+            "confidence",
+            "revoked",
+            "x_opencti_score",
+            "x_opencti_detection",
+        ];
+        let edits = input.as_array().cloned().unwrap_or_default();
+        let mut updated = self.indicators[index].clone();
+        for edit in &edits {
+            let key = edit["key"].as_str().unwrap_or_default();
+            let operation = edit["operation"].as_str().unwrap_or("replace");
+            if !EDITABLE.contains(&key) {
+                return Err(OpenCtiError::new(
+                    "FUNCTIONAL_ERROR",
+                    format!("the test double cannot edit {key}"),
+                    json!({ "key": key }),
+                ));
+            }
+            if operation != "replace" {
+                return Err(OpenCtiError::new(
+                    "UNSUPPORTED_ERROR",
+                    format!("the test double only supports replace, not {operation}"),
+                    json!({ "key": key }),
+                ));
+            }
+            let value = edit["value"].get(0).cloned().unwrap_or(Value::Null);
+            if key == "pattern" && updated["pattern"] != value {
+                // OpenCTI derives a new standard id; the old one stays a STIX id.
+                let old = updated["standard_id"].clone();
+                let mut ids = strings(updated.get("x_opencti_stix_ids"));
+                ids.extend(strings(Some(&old)));
+                updated["x_opencti_stix_ids"] = json!(ids);
+                updated["standard_id"] = json!(format!("indicator--{}", uuid::Uuid::new_v4()));
+            }
+            updated[key] = value;
+        }
+        if let Some(pattern) = updated["pattern"].as_str() {
+            if updated["pattern_type"] == "stix" && !stix_pattern_has_value(pattern) {
+                return Err(OpenCtiError::new(
+                    "FUNCTIONAL_ERROR",
+                    "Indicator of type stix is not correctly formatted.",
+                    json!({ "pattern": pattern }),
+                ));
+            }
+        }
+        updated["modified"] = json!(Timestamp::now().to_rfc3339_millis());
+        self.indicators[index] = updated;
+        Ok(self.indicators[index].clone())
     }
 
     fn add_sighting(&mut self, input: Value) -> Result<Value, OpenCtiError> {
