@@ -362,6 +362,11 @@ impl TestApp {
         }
     }
 
+    /// How many messages arrived so far (without copying them).
+    pub fn count(&self) -> usize {
+        self.inbox.messages.lock().unwrap().len()
+    }
+
     /// Everything received so far.
     pub fn received(&self) -> Vec<Received> {
         self.inbox.messages.lock().unwrap().clone()
