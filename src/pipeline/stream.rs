@@ -72,8 +72,8 @@ enum Outcome {
     Recover,
     /// Asked to stop.
     Shutdown,
-    /// The connector state was reset or changed in OpenCTI: apply it and reconnect.
-    Restart(StateRequest),
+    /// The connector state was reset or changed in OpenCTI: reconnect from this state.
+    Restart(ConnectorState),
 }
 
 /// Store meta key of the recover date in force. A replay (first start, or after a gap) sends
@@ -227,9 +227,9 @@ impl StreamReader {
                             self.start_recovery(now_iso())?;
                             continue;
                         }
-                        Outcome::Restart(request) => {
+                        Outcome::Restart(target) => {
                             self.metrics.stream_reconnects.inc();
-                            self.apply(request)?;
+                            self.restart_from(target)?;
                             continue;
                         }
                         Outcome::Silent => {
@@ -283,6 +283,14 @@ impl StreamReader {
     /// there would skip events never read into the outbox), one behind it is taken (what
     /// lies between is read again: at-least-once). The outbox is never touched.
     fn apply(&mut self, request: StateRequest) -> Result<(), ReaderError> {
+        match self.plan(request) {
+            Some(target) => self.restart_from(target),
+            None => Ok(()),
+        }
+    }
+
+    /// Where a request moves the stream, if anywhere; logs what happens and why.
+    fn plan(&self, request: StateRequest) -> Option<ConnectorState> {
         let current = self.current_state();
         match request {
             StateRequest::Reset => {
@@ -301,9 +309,12 @@ impl StreamReader {
                     "connector state reset in OpenCTI: restarting the stream from the first-start position, \
                      replaying the current state (queued items stay queued and are delivered)"
                 );
-                self.restart_from(from, Some(until))
+                Some(ConnectorState {
+                    start_from: from,
+                    recover_until: Some(until),
+                })
             }
-            StateRequest::Resume(platform) if platform == current => Ok(()),
+            StateRequest::Resume(platform) if platform == current => None,
             StateRequest::Resume(platform) => {
                 match compare_ids(&platform.start_from, &current.start_from) {
                     Some(Ordering::Greater) => {
@@ -314,7 +325,7 @@ impl StreamReader {
                              (the store is the source of truth; resuming there would skip events not yet read). \
                              The next ping sends the stored position back"
                         );
-                        Ok(())
+                        None
                     }
                     Some(_) => {
                         tracing::warn!(
@@ -326,14 +337,14 @@ impl StreamReader {
                             "connector state changed in OpenCTI: restarting the stream from it \
                              (events after it are read again; queued items stay queued)"
                         );
-                        self.restart_from(platform.start_from, platform.recover_until)
+                        Some(platform)
                     }
                     None => {
                         tracing::warn!(
                             platform = %platform.start_from,
                             "the connector state in OpenCTI has a start_from that is not a stream id: ignored"
                         );
-                        Ok(())
+                        None
                     }
                 }
             }
@@ -343,7 +354,11 @@ impl StreamReader {
     /// Moves the stored position (backwards, possibly) and the recover date. Never both at
     /// once in sled, so ordered: the stored position must never be left without a recover
     /// date it needs (a replay id read as a raw stream time would skip the replay).
-    fn restart_from(&mut self, from: String, recover: Option<String>) -> Result<(), ReaderError> {
+    fn restart_from(&mut self, target: ConnectorState) -> Result<(), ReaderError> {
+        let ConnectorState {
+            start_from: from,
+            recover_until: recover,
+        } = target;
         match recover {
             Some(until) => {
                 self.start_recovery(until)?;
@@ -452,9 +467,9 @@ impl StreamReader {
         let mut batch = Batch::default();
         loop {
             // Checked between events too: a busy stream may never wait below.
-            if let Some(request) = self.poll_request() {
+            if let Some(target) = self.poll_request().and_then(|r| self.plan(r)) {
                 self.commit(&mut batch)?;
-                return Ok(Outcome::Restart(request));
+                return Ok(Outcome::Restart(target));
             }
             // Take what is already buffered without waiting; commit before any wait.
             let next = match stream.next().now_or_never() {
@@ -470,7 +485,10 @@ impl StreamReader {
                     };
                     match waited {
                         // The batch was committed before waiting.
-                        Err(request) => return Ok(Outcome::Restart(request)),
+                        Err(request) => match self.plan(request) {
+                            Some(target) => return Ok(Outcome::Restart(target)),
+                            None => continue,
+                        },
                         Ok(Ok(next)) => next,
                         Ok(Err(_)) => return Ok(Outcome::Silent),
                     }
