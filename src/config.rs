@@ -107,6 +107,8 @@ pub struct ConnectorConfig {
     pub live_stream_start_timestamp: Option<String>,
     pub live_stream_recover_iso_date: Option<String>,
     pub stream_timeout: Duration,
+    /// How often `pingConnector` carries the connector state to OpenCTI (pycti: 40 s).
+    pub ping_interval: Duration,
     pub expose_metrics: bool,
     pub metrics_port: u16,
 }

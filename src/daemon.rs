@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use crate::admin::{self, Status};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::opencti::connector_state::{self, ConnectorState};
 use crate::opencti::graphql::{ConnectorRegistration, GraphqlClient};
 use crate::opencti::registration;
 use crate::opencti::stream::{StreamClient, StreamConfig};
@@ -130,6 +131,12 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(snapshots.run(stop).await?) });
 
+    // The reader publishes its position for the pings; ping answers that show a reset or
+    // another state in OpenCTI come back to it.
+    let (reader_state, ping_state) = connector_state::channel(ConnectorState {
+        start_from: String::new(),
+        recover_until: None,
+    });
     let reader = StreamReader::new(
         StreamClient::new(&StreamConfig::from_config(&config))?,
         Arc::clone(&store),
@@ -137,7 +144,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         Arc::clone(&status),
         Arc::clone(&metrics),
     )?
-    .with_reconcile(reconcile_tx);
+    .with_reconcile(reconcile_tx)
+    .with_connector_state(reader_state);
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(reader.run(stop).await?) });
 
@@ -173,14 +181,16 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(to_opencti.run(stop).await?) });
     let stop = shutdown.clone();
-    let (registration_store, registration_status) = (Arc::clone(&store), Arc::clone(&status));
+    let registration_status = Arc::clone(&status);
     let retry = RetryPolicy::from_config(&config.bridge);
     let connector = ConnectorRegistration::from_config(&config.connector);
+    let ping_interval = config.connector.ping_interval;
     tasks.spawn(async move {
         registration::run(
             graphql,
             connector,
-            registration_store,
+            ping_state,
+            ping_interval,
             retry,
             registration_status,
             stop,

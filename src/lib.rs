@@ -10,7 +10,8 @@
 //! - [`config`]: the YAML file plus environment overrides, validated before anything starts.
 //! - [`store`]: the sled outbox: queues, dead letters, stream position, group commit.
 //! - [`retry`]: the backoff policy every retry loop shares (pipelines, registration, link).
-//! - [`opencti`]: the live-stream transport (SSE): one connection, its events, nothing more.
+//! - [`opencti`]: the live-stream transport (SSE): one connection, its events, nothing more;
+//!   the GraphQL client, registration and the connector state pings carry (reset → replay).
 //! - [`stix`]: pure mapping of stream events to indicators, and validation of sightings.
 //! - [`threatbus`]: the Threat Bus link (ZeroMQ): subscription, heartbeats, publish, receive.
 //! - [`daemon`]: the `run` command: wires the store, the admin socket and the pipelines.

@@ -12,6 +12,7 @@ use apollo_compiler::validation::Valid;
 use apollo_compiler::{ExecutableDocument, Schema};
 use serde_json::Value;
 
+use opencti_threatbus::opencti::connector_state::ConnectorState;
 use opencti_threatbus::opencti::graphql::{
     all_documents, indicator_variables, organization_add_variables, organization_by_name_variables,
     ping_connector_variables, register_connector_variables, sighting_add_variables,
@@ -63,10 +64,15 @@ fn example_variables(operation: &str) -> Option<Value> {
     let indicator = "indicator--c7d3e1b2-6a6c-5a4e-9b8f-0d7e4c3a2b1f";
     Some(match operation {
         "RegisterConnector" => register_connector_variables(&registration),
+        // The state exactly as the bridge serializes it (pycti's shape).
         "PingConnector" => ping_connector_variables(
             &registration.id,
             Some(
-                r#"{"start_from": "1709287215731-0", "recover_until": "2024-03-01T10:00:00.000Z"}"#,
+                &ConnectorState {
+                    start_from: "1709287215731-0".to_owned(),
+                    recover_until: Some("2024-03-01T10:00:00.000Z".to_owned()),
+                }
+                .to_json(),
             ),
         ),
         "StixDomainObjects" => organization_by_name_variables("Threat Bus"),

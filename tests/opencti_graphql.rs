@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use opencti_threatbus::config::{OpenCtiConfig, Secret};
+use opencti_threatbus::opencti::connector_state::{classify, ConnectorState, PingVerdict};
 use opencti_threatbus::opencti::graphql::{
     ConnectorRegistration, GraphqlClient, GraphqlError, SightingInput, SIGHTING_ADD,
 };
@@ -475,6 +476,82 @@ async fn connector_registration_and_ping() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(again.connector_state.as_deref(), Some(state));
+}
+
+/// A reset on the connector's page, as OpenCTI answers it: the next ping gets `''` back and
+/// its own state is not stored; the ping after that is stored and answered as usual. The
+/// bridge's verdicts on those answers follow.
+#[tokio::test]
+async fn a_reset_state_is_answered_once_then_pings_store_again() {
+    let server = server();
+    let double = server.double();
+    let client = client(&server, TOKEN);
+    let registration = ConnectorRegistration {
+        id: "a0c3d1e2-1111-4222-8333-944455556666".to_owned(),
+        name: "Threat Bus".to_owned(),
+    };
+    client
+        .register_connector(&registration)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ours = ConnectorState {
+        start_from: "1709287215731-0".to_owned(),
+        recover_until: None,
+    };
+    let ping = |state: &ConnectorState| {
+        let (client, id, json) = (client.clone(), registration.id.clone(), state.to_json());
+        async move {
+            client
+                .ping_connector(&id, Some(json))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    assert_eq!(
+        classify(&ours, ping(&ours).await.as_deref()),
+        PingVerdict::Unchanged
+    );
+
+    double.reset_connector_state(&registration.id);
+    assert_eq!(ping(&ours).await.as_deref(), Some(""));
+    assert_eq!(
+        double.connector_state(&registration.id).as_deref(),
+        Some("")
+    );
+    let restarted = ConnectorState {
+        start_from: "0-0".to_owned(),
+        recover_until: Some("2024-03-01T10:00:00.000Z".to_owned()),
+    };
+    assert_eq!(
+        classify(&restarted, ping(&restarted).await.as_deref()),
+        PingVerdict::Unchanged
+    );
+
+    let older = ConnectorState {
+        start_from: "1709287000000-0".to_owned(),
+        recover_until: None,
+    };
+    double.set_connector_state(&registration.id, &older.to_json());
+    assert_eq!(
+        classify(&ours, ping(&ours).await.as_deref()),
+        PingVerdict::Changed(older)
+    );
+    assert_eq!(
+        classify(&ours, ping(&ours).await.as_deref()),
+        PingVerdict::Unchanged
+    );
+
+    // A deleted connector: the ping fails, it never reads as a reset.
+    double.forget_connector(&registration.id);
+    let error = expect_err(
+        client
+            .ping_connector(&registration.id, Some(ours.to_json()))
+            .await,
+    );
+    assert!(
+        matches!(error, GraphqlError::Validation { .. }),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]

@@ -49,6 +49,7 @@ keys! {
     CONNECTOR_LIVE_STREAM_START_TIMESTAMP => "connector"."live_stream_start_timestamp",
     CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE => "connector"."live_stream_recover_iso_date",
     CONNECTOR_STREAM_TIMEOUT_S => "connector"."stream_timeout_s",
+    CONNECTOR_PING_INTERVAL_S => "connector"."ping_interval_s",
     CONNECTOR_EXPOSE_METRICS => "connector"."expose_metrics",
     CONNECTOR_METRICS_PORT => "connector"."metrics_port",
 

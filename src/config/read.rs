@@ -92,6 +92,11 @@ impl ConnectorConfig {
                 Some(45),
                 1..=MAX_DURATION_S,
             )?),
+            ping_interval: Duration::from_secs(src.integer(
+                keys::CONNECTOR_PING_INTERVAL_S,
+                Some(40),
+                1..=MAX_DURATION_S,
+            )?),
             expose_metrics: src.boolean(keys::CONNECTOR_EXPOSE_METRICS, false)?,
             metrics_port: src.integer(keys::CONNECTOR_METRICS_PORT, Some(9095), PORT)?,
         })

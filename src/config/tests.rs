@@ -186,6 +186,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.live_stream_start_timestamp, None);
     assert_eq!(c.live_stream_recover_iso_date, None);
     assert_eq!(c.stream_timeout, Duration::from_secs(45));
+    assert_eq!(c.ping_interval, Duration::from_secs(40));
     assert!(!c.expose_metrics);
     assert_eq!(c.metrics_port, 9095);
     assert_eq!(config.threatbus.zmq_host, "threatbus");
@@ -210,6 +211,7 @@ fn every_optional_key_is_read_from_the_file() {
         "live_stream_start_timestamp: 1700000000000-0",
         "live_stream_recover_iso_date: 2024-01-01T00:00:00Z",
         "stream_timeout_s: 30",
+        "ping_interval_s: 5",
         "expose_metrics: true",
         "metrics_port: 9100",
         "snapshot: 7",
@@ -242,6 +244,7 @@ fn every_optional_key_is_read_from_the_file() {
         Some("2024-01-01T00:00:00Z")
     );
     assert_eq!(c.stream_timeout, Duration::from_secs(30));
+    assert_eq!(c.ping_interval, Duration::from_secs(5));
     assert!(c.expose_metrics);
     assert_eq!(c.metrics_port, 9100);
     assert_eq!(config.threatbus.snapshot_days, 7);
@@ -460,6 +463,7 @@ invalid_env_tests! {
     invalid_with_inferences: CONNECTOR_LIVE_STREAM_WITH_INFERENCES = "t",
     invalid_stream_timeout_zero: CONNECTOR_STREAM_TIMEOUT_S = "0",
     invalid_stream_timeout_fraction: CONNECTOR_STREAM_TIMEOUT_S = "1.5",
+    invalid_ping_interval_zero: CONNECTOR_PING_INTERVAL_S = "0",
     invalid_expose_metrics: CONNECTOR_EXPOSE_METRICS = "enabled",
     invalid_metrics_port_zero: CONNECTOR_METRICS_PORT = "0",
     invalid_metrics_port_too_big: CONNECTOR_METRICS_PORT = "65536",

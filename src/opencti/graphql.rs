@@ -53,7 +53,7 @@ pub const REGISTER_CONNECTOR: &str = r#"mutation RegisterConnector($input: Regis
 }
 "#;
 
-/// `pingConnector`, sent every 40 s.
+/// `pingConnector`, sent every `connector.ping_interval_s` (40 s) with the connector state.
 pub const PING_CONNECTOR: &str = r#"mutation PingConnector($id: ID!, $state: String) {
   pingConnector(id: $id, state: $state) {
     id
@@ -190,8 +190,8 @@ pub fn register_connector_variables(registration: &ConnectorRegistration) -> Val
     })
 }
 
-/// `pingConnector` variables. `state` is the connector state as a JSON string (pycti
-/// sends `{"start_from": …, "recover_until": …}`), or null to leave it alone.
+/// `pingConnector` variables. `state` is the connector state as a JSON string, in pycti's
+/// shape `{"start_from": …, "recover_until": …}` ([`super::connector_state`]).
 pub fn ping_connector_variables(id: &str, state: Option<&str>) -> Value {
     json!({ "id": id, "state": state })
 }
@@ -762,8 +762,9 @@ impl GraphqlClient {
         })
     }
 
-    /// `pingConnector`; returns the connector state OpenCTI holds (it may have been reset
-    /// from the UI).
+    /// `pingConnector`; returns the connector state OpenCTI holds (null or empty after a
+    /// reset from the UI). An answer without the connector is an error, never a null
+    /// state: the caller would take that for a reset and replay the whole stream.
     pub async fn ping_connector(
         &self,
         id: &str,
@@ -775,10 +776,8 @@ impl GraphqlClient {
                 ping_connector_variables(id, state.as_deref()),
             )
             .await?;
-        Ok(match data.get("pingConnector") {
-            Some(Value::Object(connector)) => optional_string(connector, "connector_state"),
-            _ => None,
-        })
+        let connector = object_field(&data, "pingConnector")?;
+        Ok(optional_string(connector, "connector_state"))
     }
 
     /// The internal id of the organization named exactly `name`, if OpenCTI has one.

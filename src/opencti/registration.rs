@@ -1,24 +1,28 @@
-//! Connector registration (SPEC §3): `registerConnector` at start and `pingConnector` every
-//! 40 s, so the bridge shows in OpenCTI's connector list. A task of its own: failures here
-//! are logged and retried, and never hold up the data flow.
+//! Connector registration (SPEC §3): `registerConnector` at start, then `pingConnector`
+//! every `connector.ping_interval_s` (40 s, as pycti), so the bridge shows in OpenCTI's
+//! connector list with its state. A task of its own: failures here are logged and
+//! retried, and never hold up the data flow.
+//!
+//! Every ping carries the stream reader's state ([`super::connector_state`]); when the
+//! answer shows the state was reset or changed in OpenCTI, the reader is asked to restart
+//! the stream from there (it alone decides whether it may: the store is the source of
+//! truth). A failed ping changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::connector_state::{classify, ConnectorState, PingSide, PingVerdict, StateRequest};
 use super::graphql::{ConnectorRegistration, GraphqlClient};
 use crate::admin::Status;
 use crate::retry::{Backoff, RetryPolicy};
-use crate::store::Store;
-
-/// pycti pings every 40 s; OpenCTI shows a connector as inactive after a few missed pings.
-pub const PING_INTERVAL: Duration = Duration::from_secs(40);
 
 pub async fn run(
     client: Arc<GraphqlClient>,
     registration: ConnectorRegistration,
-    store: Arc<Store>,
+    state: PingSide,
+    interval: Duration,
     retry: RetryPolicy,
     status: Arc<Status>,
     mut shutdown: watch::Receiver<bool>,
@@ -27,13 +31,17 @@ pub async fn run(
     loop {
         match client.register_connector(&registration).await {
             Ok(registered) => {
+                // Only logged: the first ping tells a reset made while the bridge was away
+                // (OpenCTI keeps its reset flag until then), and a state that OpenCTI holds
+                // but the store does not (a new store, a connector id taken over from the
+                // Python connector) must not move the stream (the store is the truth).
                 tracing::info!(id = %registered.id, state = ?registered.connector_state, "connector registered in OpenCTI");
                 status.set("registration", "registered");
                 break;
             }
             Err(error) => {
                 let delay = backoff.next_delay().max(if error.is_auth() {
-                    PING_INTERVAL
+                    interval
                 } else {
                     Duration::ZERO
                 });
@@ -46,26 +54,62 @@ pub async fn run(
             }
         }
     }
-    let mut ticks = tokio::time::interval(PING_INTERVAL);
+    // Like pycti, ping at once, then every interval.
+    let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             _ = ticks.tick() => {}
         }
-        // Like pycti, the state is the stream position the connector would resume from.
-        let state = store
-            .position()
-            .ok()
-            .flatten()
-            .map(|position| serde_json::json!({ "start_from": position }).to_string());
-        match client.ping_connector(&registration.id, state).await {
-            Ok(_) => status.set("registration", "registered"),
-            Err(error) => {
-                tracing::warn!(error = %error, "pinging OpenCTI failed (the data flow goes on)");
-                status.set("registration", format!("ping failed: {error}"));
+        let sent = state.state.borrow().clone();
+        match client
+            .ping_connector(&registration.id, Some(sent.to_json()))
+            .await
+        {
+            Ok(answered) => {
+                if failing {
+                    tracing::info!("pinging OpenCTI works again");
+                    failing = false;
+                }
+                status.set("registration", "registered");
+                act_on(classify(&sent, answered.as_deref()), &state, &sent);
             }
+            Err(error) => {
+                // Nothing is known about the state then: it stays as it is.
+                tracing::warn!(error = %error, "pinging OpenCTI failed (the data flow and the stream position are not affected)");
+                status.set("registration", format!("ping failed: {error}"));
+                failing = true;
+            }
+        }
+    }
+}
+
+/// Hands what the answer asks for to the stream reader, which applies it (or not).
+fn act_on(verdict: PingVerdict, state: &PingSide, sent: &ConnectorState) {
+    match verdict {
+        PingVerdict::Unchanged => {}
+        PingVerdict::Reset => {
+            tracing::warn!(
+                sent = %sent.to_json(),
+                "the connector state was reset in OpenCTI: re-reading the stream from the first-start position \
+                 (a full replay of the current state); queued items stay queued"
+            );
+            state.requests.send_replace(Some(StateRequest::Reset));
+        }
+        PingVerdict::Changed(platform) => {
+            tracing::warn!(
+                sent = %sent.to_json(),
+                platform = %platform.to_json(),
+                "the connector state in OpenCTI differs from the bridge's: asking the stream reader to resume from it"
+            );
+            state
+                .requests
+                .send_replace(Some(StateRequest::Resume(platform)));
+        }
+        PingVerdict::Unreadable(error) => {
+            tracing::warn!(error = %error, sent = %sent.to_json(), "OpenCTI answered a connector state the bridge cannot use: ignored (the stream goes on from the stored position)");
         }
     }
 }

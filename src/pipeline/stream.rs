@@ -5,6 +5,7 @@
 //! how far the position may move). Events that arrive back to back are committed together,
 //! so a busy stream costs one store write per burst, not per event.
 
+use std::cmp::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use super::checkpoint::{Checkpoint, EventRole};
 use super::reconcile::{ReconcileRequest, META_RECONCILE_PENDING};
 use crate::admin::Status;
 use crate::metrics::Metrics;
+use crate::opencti::connector_state::{self, ConnectorState, ReaderSide, StateRequest};
 use crate::opencti::stream::compare_event_ids as compare_ids;
 use crate::opencti::stream::{parse_connected, EventStream, SseEvent, StreamClient, StreamError};
 use crate::retry::Backoff;
@@ -70,6 +72,8 @@ enum Outcome {
     Recover,
     /// Asked to stop.
     Shutdown,
+    /// The connector state was reset or changed in OpenCTI: reconnect from this state.
+    Restart(ConnectorState),
 }
 
 /// Store meta key of the recover date in force. A replay (first start, or after a gap) sends
@@ -93,6 +97,8 @@ pub struct StreamReader {
     /// Told when a replay has finished (gap reconciliation); none in tests that run the
     /// reader alone.
     reconcile: Option<mpsc::UnboundedSender<ReconcileRequest>>,
+    /// The state pings carry to OpenCTI, and what their answers ask for.
+    connector_state: ReaderSide,
 }
 
 /// What one burst of events adds to the store.
@@ -116,7 +122,12 @@ impl StreamReader {
     ) -> Result<Self, ReaderError> {
         let checkpoint = Checkpoint::new(store.position()?);
         let recover_until = store.meta(META_RECOVER_UNTIL)?;
-        Ok(StreamReader {
+        // Not connected to any ping until `with_connector_state`: requests never come.
+        let (connector_state, _) = connector_state::channel(ConnectorState {
+            start_from: first_start_id(&config.first_start_from),
+            recover_until: None,
+        });
+        let mut reader = StreamReader {
             recover_until,
             client,
             store,
@@ -125,7 +136,52 @@ impl StreamReader {
             metrics,
             checkpoint,
             reconcile: None,
-        })
+            connector_state,
+        };
+        // Decided now rather than at the first connection, so that the first ping already
+        // shows the first start's recover date.
+        reader.first_start_if_needed()?;
+        reader.publish_state();
+        Ok(reader)
+    }
+
+    /// Publishes the reader's state to `side` (for the pings) and takes the requests their
+    /// answers bring (connector state reset or changed in OpenCTI).
+    pub fn with_connector_state(mut self, side: ReaderSide) -> Self {
+        self.connector_state = side;
+        self.publish_state();
+        self
+    }
+
+    /// Where the stream resumes, as the connector state OpenCTI shows.
+    fn current_state(&self) -> ConnectorState {
+        ConnectorState {
+            start_from: match self.checkpoint.position() {
+                Some(position) => position.to_string(),
+                None => first_start_id(&self.config.first_start_from),
+            },
+            recover_until: self.recover_until.clone(),
+        }
+    }
+
+    fn publish_state(&self) {
+        let current = self.current_state();
+        self.connector_state.state.send_if_modified(|published| {
+            let changed = *published != current;
+            if changed {
+                *published = current;
+            }
+            changed
+        });
+    }
+
+    /// A request that arrived and was not seen yet, without waiting.
+    fn poll_request(&mut self) -> Option<StateRequest> {
+        if self.connector_state.requests.has_changed().unwrap_or(false) {
+            self.connector_state.requests.borrow_and_update().clone()
+        } else {
+            None
+        }
     }
 
     /// Asks `reconcile` for a pass whenever a replay finishes.
@@ -138,6 +194,9 @@ impl StreamReader {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ReaderError> {
         let mut backoff = Backoff::new(self.config.retry.clone());
         loop {
+            if let Some(request) = self.poll_request() {
+                self.apply(request)?;
+            }
             let resume = self.resume()?;
             self.status.set(
                 "stream",
@@ -145,7 +204,15 @@ impl StreamReader {
             );
             let connected = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                c = self.client.connect(&resume.last_event_id, resume.recover.as_deref()) => c,
+                request = next_request(&mut self.connector_state.requests) => Err(request),
+                c = self.client.connect(&resume.last_event_id, resume.recover.as_deref()) => Ok(c),
+            };
+            let connected = match connected {
+                Ok(connected) => connected,
+                Err(request) => {
+                    self.apply(request)?;
+                    continue;
+                }
             };
             let delay = match connected {
                 Ok(stream) => {
@@ -158,6 +225,11 @@ impl StreamReader {
                         Outcome::Shutdown => return Ok(()),
                         Outcome::Recover => {
                             self.start_recovery(now_iso())?;
+                            continue;
+                        }
+                        Outcome::Restart(target) => {
+                            self.metrics.stream_reconnects.inc();
+                            self.restart_from(target)?;
                             continue;
                         }
                         Outcome::Silent => {
@@ -180,14 +252,19 @@ impl StreamReader {
                 "stream",
                 format!("reconnecting in {:.1}s", delay.as_secs_f64()),
             );
-            tokio::select! {
+            // A state request cuts the wait short.
+            let request = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                _ = tokio::time::sleep(delay) => {}
+                request = next_request(&mut self.connector_state.requests) => Some(request),
+                _ = tokio::time::sleep(delay) => None,
+            };
+            if let Some(request) = request {
+                self.apply(request)?;
             }
         }
     }
 
-    fn resume(&mut self) -> Result<Resume, ReaderError> {
+    fn first_start_if_needed(&mut self) -> Result<(), ReaderError> {
         if self.checkpoint.position().is_none() && self.recover_until.is_none() {
             // First start, like pycti: replay the current state up to the recover date
             // (a live stream does; the raw stream ignores it), then go live.
@@ -198,6 +275,115 @@ impl StreamReader {
                 .unwrap_or_else(now_iso);
             self.start_recovery(until)?;
         }
+        Ok(())
+    }
+
+    /// Applies a connector state from OpenCTI (SPEC §3, "State in OpenCTI"). The store is
+    /// the source of truth: a state ahead of the stored position is ignored (resuming
+    /// there would skip events never read into the outbox), one behind it is taken (what
+    /// lies between is read again: at-least-once). The outbox is never touched.
+    fn apply(&mut self, request: StateRequest) -> Result<(), ReaderError> {
+        match self.plan(request) {
+            Some(target) => self.restart_from(target),
+            None => Ok(()),
+        }
+    }
+
+    /// Where a request moves the stream, if anywhere; logs what happens and why.
+    fn plan(&self, request: StateRequest) -> Option<ConnectorState> {
+        let current = self.current_state();
+        match request {
+            StateRequest::Reset => {
+                let from = first_start_id(&self.config.first_start_from);
+                let until = self
+                    .config
+                    .first_start_recover
+                    .clone()
+                    .unwrap_or_else(now_iso);
+                tracing::warn!(
+                    previous = %current.start_from,
+                    previous_recover_until = ?current.recover_until,
+                    start_from = %from,
+                    recover_until = %until,
+                    queued = self.store.len(Queue::Indicators),
+                    "connector state reset in OpenCTI: restarting the stream from the first-start position, \
+                     replaying the current state (queued items stay queued and are delivered)"
+                );
+                Some(ConnectorState {
+                    start_from: from,
+                    recover_until: Some(until),
+                })
+            }
+            StateRequest::Resume(platform) if platform == current => None,
+            StateRequest::Resume(platform) => {
+                match compare_ids(&platform.start_from, &current.start_from) {
+                    Some(Ordering::Greater) => {
+                        tracing::warn!(
+                            platform = %platform.start_from,
+                            stored = %current.start_from,
+                            "the connector state in OpenCTI is ahead of the stored stream position: ignored \
+                             (the store is the source of truth; resuming there would skip events not yet read). \
+                             The next ping sends the stored position back"
+                        );
+                        None
+                    }
+                    Some(_) => {
+                        tracing::warn!(
+                            previous = %current.start_from,
+                            previous_recover_until = ?current.recover_until,
+                            start_from = %platform.start_from,
+                            recover_until = ?platform.recover_until,
+                            queued = self.store.len(Queue::Indicators),
+                            "connector state changed in OpenCTI: restarting the stream from it \
+                             (events after it are read again; queued items stay queued)"
+                        );
+                        Some(platform)
+                    }
+                    None => {
+                        tracing::warn!(
+                            platform = %platform.start_from,
+                            "the connector state in OpenCTI has a start_from that is not a stream id: ignored"
+                        );
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves the stored position (backwards, possibly) and the recover date. Never both at
+    /// once in sled, so ordered: the stored position must never be left without a recover
+    /// date it needs (a replay id read as a raw stream time would skip the replay).
+    fn restart_from(&mut self, target: ConnectorState) -> Result<(), ReaderError> {
+        let ConnectorState {
+            start_from: from,
+            recover_until: recover,
+        } = target;
+        match recover {
+            Some(until) => {
+                self.start_recovery(until)?;
+                drop(self.store.set_position(&from)?);
+            }
+            None => {
+                drop(self.store.set_position(&from)?);
+                if self.recover_until.take().is_some() {
+                    // The replay is abandoned, not finished: no reconciliation pass.
+                    drop(self.store.update_meta(&[
+                        (META_RECOVER_UNTIL, None),
+                        (META_RECOVER_STARTED, None),
+                    ])?);
+                }
+            }
+        }
+        self.checkpoint = Checkpoint::new(Some(from));
+        self.status
+            .set("stream", "restarting from the connector state");
+        self.publish_state();
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<Resume, ReaderError> {
+        self.first_start_if_needed()?;
         let last_event_id = match self.checkpoint.position() {
             Some(position) => position.to_string(),
             None => first_start_id(&self.config.first_start_from),
@@ -216,6 +402,7 @@ impl StreamReader {
             (META_RECOVER_STARTED, Some(started.as_str())),
         ])?);
         self.recover_until = Some(until);
+        self.publish_state();
         Ok(())
     }
 
@@ -279,18 +466,31 @@ impl StreamReader {
     ) -> Result<Outcome, ReaderError> {
         let mut batch = Batch::default();
         loop {
+            // Checked between events too: a busy stream may never wait below.
+            if let Some(target) = self.poll_request().and_then(|r| self.plan(r)) {
+                self.commit(&mut batch)?;
+                return Ok(Outcome::Restart(target));
+            }
             // Take what is already buffered without waiting; commit before any wait.
             let next = match stream.next().now_or_never() {
                 Some(next) => next,
                 None => {
                     self.commit(&mut batch)?;
                     self.wait_for_room(shutdown).await;
-                    tokio::select! {
+                    let timeout = self.config.stream_timeout;
+                    let waited = tokio::select! {
                         _ = shutdown.wait_for(|s| *s) => return Ok(Outcome::Shutdown),
-                        next = tokio::time::timeout(self.config.stream_timeout, stream.next()) => match next {
-                            Ok(next) => next,
-                            Err(_) => return Ok(Outcome::Silent),
+                        request = next_request(&mut self.connector_state.requests) => Err(request),
+                        next = tokio::time::timeout(timeout, stream.next()) => Ok(next),
+                    };
+                    match waited {
+                        // The batch was committed before waiting.
+                        Err(request) => match self.plan(request) {
+                            Some(target) => return Ok(Outcome::Restart(target)),
+                            None => continue,
                         },
+                        Ok(Ok(next)) => next,
+                        Ok(Err(_)) => return Ok(Outcome::Silent),
                     }
                 }
             };
@@ -450,6 +650,7 @@ impl StreamReader {
         // can never be gone while the position still points into the replay.
         if let Some(position) = position {
             self.end_recovery_if_passed(&position)?;
+            self.publish_state();
         }
         Ok(())
     }
@@ -458,6 +659,8 @@ impl StreamReader {
     /// dropping anything. Checked between bursts, so the outbox may exceed the limit by at
     /// most one burst (`MAX_BATCH_EVENTS` events).
     async fn wait_for_room(&self, shutdown: &mut watch::Receiver<bool>) {
+        // A state request is applied at once (the reader then waits here again).
+        let request_pending = || self.connector_state.requests.has_changed().unwrap_or(false);
         let limit = self.config.indicator_limit;
         if self.store.len(Queue::Indicators) < limit {
             return;
@@ -467,7 +670,10 @@ impl StreamReader {
             "indicator outbox full: pausing the stream until Threat Bus catches up"
         );
         self.status.set("stream", "paused: indicator outbox full");
-        while self.store.len(Queue::Indicators) >= limit && !*shutdown.borrow() {
+        while self.store.len(Queue::Indicators) >= limit
+            && !*shutdown.borrow()
+            && !request_pending()
+        {
             tokio::time::sleep(FULL_OUTBOX_POLL).await;
         }
         tracing::info!(
@@ -475,6 +681,18 @@ impl StreamReader {
             "indicator outbox has room again: resuming the stream"
         );
         self.status.set("stream", "connected");
+    }
+}
+
+/// The next state request; never, once the pinging side is gone (or was never there).
+async fn next_request(requests: &mut watch::Receiver<Option<StateRequest>>) -> StateRequest {
+    loop {
+        if requests.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if let Some(request) = requests.borrow_and_update().clone() {
+            return request;
+        }
     }
 }
 

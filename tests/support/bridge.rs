@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_opencti-threatbus");
 pub const TOKEN: &str = "bridge-test-token";
+/// The `connector.id` of every test bridge.
+pub const CONNECTOR_ID: &str = "4ef4ea3a-2b5f-4b7c-9d43-3f4f2b1c9a10";
 
 /// Stores `position` as the stream position of the (closed) store in `data_dir`, as a
 /// bridge that ran before would have left it.
@@ -33,10 +35,7 @@ impl BridgeEnv {
         for (k, v) in [
             ("OPENCTI_URL", opencti_url.to_string()),
             ("OPENCTI_TOKEN", TOKEN.to_string()),
-            (
-                "CONNECTOR_ID",
-                "4ef4ea3a-2b5f-4b7c-9d43-3f4f2b1c9a10".to_string(),
-            ),
+            ("CONNECTOR_ID", CONNECTOR_ID.to_string()),
             ("CONNECTOR_TYPE", "STREAM".into()),
             ("CONNECTOR_NAME", "Threat Bus".into()),
             ("CONNECTOR_SCOPE", "threatbus".into()),

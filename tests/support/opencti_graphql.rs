@@ -12,7 +12,12 @@
 //! - `stixSightingRelationshipAdd`: every input recorded, upsert by `stix_id`, posts
 //!   counted per `stix_id`; an unknown `fromId`/`toId`/`createdBy` is answered with
 //!   `MISSING_REFERENCE_ERROR` (unless [`GraphqlDouble::accept_any_from_id`]);
-//! - `registerConnector`, `pingConnector` (recorded);
+//! - `registerConnector`, `pingConnector` (recorded): like OpenCTI, a ping stores the state
+//!   it carries and answers it back, except the first ping after
+//!   [`GraphqlDouble::reset_connector_state`] (OpenCTI's `resetStateConnector`: state `''`
+//!   and a reset flag, which that ping clears, answering `''` without storing) or
+//!   [`GraphqlDouble::set_connector_state`] (answers the state set there);
+//!   [`GraphqlDouble::forget_connector`] deletes the connector (pings then fail);
 //! - `indicator(id)` (seeded with [`GraphqlDouble::seed_indicator`], or created below),
 //!   found by internal id, `standard_id` or any of `x_opencti_stix_ids`;
 //! - `indicatorAdd`: stored like OpenCTI does (a standard id of its own, the input's
@@ -164,6 +169,9 @@ struct State {
     registrations: Vec<Value>,
     pings: Vec<(String, Option<String>)>,
     connector_states: HashMap<String, Option<String>>,
+    /// Connectors whose next ping answers the stored state instead of storing its own
+    /// (OpenCTI's `connector_state_reset` flag).
+    connector_state_reset: std::collections::HashSet<String>,
     requests: Vec<RecordedRequest>,
     bad_gateway: bool,
     fail_next: VecDeque<u16>,
@@ -524,6 +532,42 @@ impl GraphqlDouble {
     /// Every `pingConnector` call: `(id, state)`.
     pub fn pings(&self) -> Vec<(String, Option<String>)> {
         self.state().pings.clone()
+    }
+
+    /// The state OpenCTI holds for connector `id` (`None`: not registered, or null).
+    pub fn connector_state(&self, id: &str) -> Option<String> {
+        self.state().connector_states.get(id).cloned().flatten()
+    }
+
+    /// What an operator's *Reset state* on the connector's page does (OpenCTI's
+    /// `resetStateConnector`): the state becomes `''` and the next ping, instead of storing
+    /// the state it carries, clears the reset flag and answers `''`.
+    pub fn reset_connector_state(&self, id: &str) {
+        let mut state = self.state();
+        state
+            .connector_states
+            .insert(id.to_owned(), Some(String::new()));
+        state.connector_state_reset.insert(id.to_owned());
+    }
+
+    /// A platform that answers the next ping with `connector_state` rather than the state
+    /// the ping carries (a state changed in OpenCTI: e.g. written through the API while
+    /// the reset flag was set, or a restored database that still held it); later pings
+    /// store what they carry again.
+    pub fn set_connector_state(&self, id: &str, connector_state: &str) {
+        let mut state = self.state();
+        state
+            .connector_states
+            .insert(id.to_owned(), Some(connector_state.to_owned()));
+        state.connector_state_reset.insert(id.to_owned());
+    }
+
+    /// Deletes connector `id`, as from its page: pings then fail (`No connector found`)
+    /// until it registers again.
+    pub fn forget_connector(&self, id: &str) {
+        let mut state = self.state();
+        state.connector_states.remove(id);
+        state.connector_state_reset.remove(id);
     }
 
     /// Every HTTP request to `POST /graphql`.
@@ -1169,7 +1213,9 @@ impl State {
                         json!({ "id": id }),
                     ));
                 };
-                if state.is_some() {
+                if self.connector_state_reset.remove(&id) {
+                    // OpenCTI clears the flag and keeps the state it holds.
+                } else if state.is_some() {
                     *stored = state;
                 }
                 Ok(json!({ "__typename": "Connector", "id": id, "connector_state": stored }))
