@@ -120,13 +120,9 @@ fn fill_catalog(data_dir: &Path, position: &str) {
         .collect();
     store.ack_many(Queue::Indicators, &keys).expect("ack");
     drop(store.set_position(position).expect("position"));
+    let active = store.catalog_size().active;
+    assert_eq!(active, N as u64, "every indicator active in the catalog");
     store.close().expect("close");
-    assert_eq!(
-        Store::open(data_dir, &StoreOptions::default())
-            .map(|s| s.catalog_size().active)
-            .ok(),
-        Some(N as u64)
-    );
 }
 
 /// Waits for `n` arrivals after `before`; (first, last) arrival times, polled every 2 ms.
