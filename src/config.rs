@@ -121,6 +121,9 @@ pub struct ThreatBusConfig {
     pub confirm_delivery: ConfirmDelivery,
     /// Snapshot answers: frames per second at most (`threatbus.snapshot_rate`).
     pub snapshot_rate: u32,
+    /// Import indicators other Threat Bus apps publish into OpenCTI
+    /// (`threatbus.import_indicators`; default on, as the original connector did).
+    pub import_indicators: bool,
 }
 
 #[derive(Debug, Clone)]

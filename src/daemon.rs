@@ -15,6 +15,7 @@ use crate::opencti::connector_state::{self, ConnectorState};
 use crate::opencti::graphql::{ConnectorRegistration, GraphqlClient};
 use crate::opencti::registration;
 use crate::opencti::stream::{StreamClient, StreamConfig};
+use crate::pipeline::import::{ImportConfig, Importer};
 use crate::pipeline::intake::Intake;
 use crate::pipeline::reconcile::{ReconcileConfig, Reconciler};
 use crate::pipeline::snapshot::{SnapshotConfig, Snapshots};
@@ -95,7 +96,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         snapshot_tx,
         config.bridge.sighting_queue_limit,
         Arc::clone(&metrics),
-    );
+    )
+    .with_import(config.threatbus.import_indicators);
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(intake.run(stop).await?) });
 
@@ -163,6 +165,20 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     );
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(reconciler.run(stop).await?) });
+    // Runs even with import off: it drains what an earlier run with import on queued.
+    let importer = Importer::new(
+        Arc::clone(&store),
+        Arc::clone(&graphql),
+        ImportConfig {
+            max_attempts: config.bridge.max_attempts,
+            retry: RetryPolicy::from_config(&config.bridge),
+            auth_retry: DEFAULT_AUTH_RETRY,
+        },
+        Arc::clone(&status),
+        Arc::clone(&metrics),
+    );
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(importer.run(stop).await?) });
     let to_opencti = ToOpenCti::new(
         Arc::clone(&store),
         Arc::clone(&graphql),

@@ -16,16 +16,23 @@ const SUMMARY_CHARS: usize = 100;
 pub enum Section {
     Indicators,
     Sightings,
+    Imports,
     Dead,
 }
 
 impl Section {
-    pub const ALL: [Section; 3] = [Section::Indicators, Section::Sightings, Section::Dead];
+    pub const ALL: [Section; 4] = [
+        Section::Indicators,
+        Section::Sightings,
+        Section::Imports,
+        Section::Dead,
+    ];
 
     pub fn parse(name: &str) -> Option<Section> {
         match name {
             "indicators" => Some(Section::Indicators),
             "sightings" => Some(Section::Sightings),
+            "imports" => Some(Section::Imports),
             "dead" => Some(Section::Dead),
             _ => None,
         }
@@ -35,6 +42,7 @@ impl Section {
         match self {
             Section::Indicators => "indicators",
             Section::Sightings => "sightings",
+            Section::Imports => "imports",
             Section::Dead => "dead",
         }
     }
@@ -135,6 +143,7 @@ fn list(
     let queue = match section {
         Section::Indicators => Queue::Indicators,
         Section::Sightings => Queue::Sightings,
+        Section::Imports => Queue::Imports,
         Section::Dead => {
             return Ok(store
                 .dead_letters(None, limit)?
@@ -163,6 +172,7 @@ fn section_of(queue: Queue) -> Section {
     match queue {
         Queue::Indicators => Section::Indicators,
         Queue::Sightings => Section::Sightings,
+        Queue::Imports => Section::Imports,
     }
 }
 

@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// List items of this queue only.
-        #[arg(long, value_parser = ["indicators", "sightings", "dead"])]
+        #[arg(long, value_parser = ["indicators", "sightings", "imports", "dead"])]
         queue: Option<String>,
         /// Items listed per queue.
         #[arg(long, default_value_t = 10)]
@@ -81,7 +81,7 @@ struct StoreArgs {
 #[derive(Args)]
 struct DeadArgs {
     /// Only dead letters that came from this queue.
-    #[arg(long, value_parser = ["indicators", "sightings"])]
+    #[arg(long, value_parser = ["indicators", "sightings", "imports"])]
     queue: Option<String>,
     /// Only the dead letter with this key (repeatable); see inspect-queue --queue dead.
     #[arg(long = "id", value_name = "KEY")]

@@ -173,6 +173,8 @@ pub struct QueueCounters {
 pub struct Metrics {
     pub indicators: QueueCounters,
     pub sightings: QueueCounters,
+    /// Indicators from other Threat Bus apps, imported into OpenCTI.
+    pub imports: QueueCounters,
     pub stream_events: Counter,
     pub stream_reconnects: Counter,
     pub stream_gaps: Counter,
@@ -189,6 +191,11 @@ pub struct Metrics {
     pub reconcile_checked: Counter,
     /// `REMOVE`s queued by reconciliation for indicators OpenCTI no longer has.
     pub reconcile_removed: Counter,
+    /// Imported indicators that added nothing to what OpenCTI holds (no write).
+    pub imports_unchanged: Counter,
+    /// Indicators from Threat Bus not imported: the bridge's own echoes, `REMOVE`s,
+    /// revoked ones.
+    pub imports_skipped: Counter,
     families: Families,
 }
 
@@ -198,6 +205,7 @@ impl Default for Metrics {
         Metrics {
             indicators: families.queue(Queue::Indicators),
             sightings: families.queue(Queue::Sightings),
+            imports: families.queue(Queue::Imports),
             stream_events: Counter::default(),
             stream_reconnects: Counter::default(),
             stream_gaps: Counter::default(),
@@ -208,6 +216,8 @@ impl Default for Metrics {
             reconcile_runs: Counter::default(),
             reconcile_checked: Counter::default(),
             reconcile_removed: Counter::default(),
+            imports_unchanged: Counter::default(),
+            imports_skipped: Counter::default(),
             families,
         }
     }
@@ -218,6 +228,7 @@ impl Metrics {
         match queue {
             Queue::Indicators => &self.indicators,
             Queue::Sightings => &self.sightings,
+            Queue::Imports => &self.imports,
         }
     }
 
@@ -389,6 +400,16 @@ impl Metrics {
                 "reconcile_removed",
                 "REMOVEs queued for indicators OpenCTI deleted, revoked, merged or no longer detects",
                 &self.reconcile_removed,
+            ),
+            (
+                "imports_unchanged",
+                "Indicators from other Threat Bus apps that added nothing to OpenCTI (no write)",
+                &self.imports_unchanged,
+            ),
+            (
+                "imports_skipped",
+                "Indicators from Threat Bus not imported (the bridge's own echoes, REMOVEs, revoked)",
+                &self.imports_skipped,
             ),
         ] {
             r.register(name, help, counter.0.clone());

@@ -238,3 +238,88 @@ fn the_daemon_upgrades_a_version_1_store_and_delivers_what_it_held() {
     });
     assert_eq!(bridge.queued("dead"), 1);
 }
+
+/// A version-2 store (the catalog, no import queue) with items queued, written by the
+/// store code as version 2 wrote it (version 3 adds keys only, so the bytes are the same
+/// but for the version record), is upgraded in place and keeps everything.
+#[test]
+fn a_version_2_store_is_upgraded_to_3_and_keeps_its_items_and_catalog() {
+    use opencti_threatbus::store::catalog::update_for_payload;
+    use opencti_threatbus::store::Commit;
+    let dir = tempfile::tempdir().unwrap();
+    let queued = vec![
+        indicator(A, "2024-01-02T03:04:05.000Z", None),
+        indicator(B, "2024-01-02T03:04:06.000Z", Some("EDIT")),
+    ];
+    {
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let items: Vec<Vec<u8>> = queued.iter().map(|v| v.to_string().into_bytes()).collect();
+        let catalog = items.iter().filter_map(|i| update_for_payload(i)).collect();
+        let commit = Commit {
+            items,
+            catalog,
+            position: Some("1709287215731-0".into()),
+            ..Commit::default()
+        };
+        store
+            .commit(Queue::Indicators, commit)
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        let sighting = json!({"type": "sighting", "id": "sighting--1"}).to_string();
+        drop(
+            store
+                .enqueue(Queue::Sightings, vec![sighting.into_bytes()], None)
+                .unwrap(),
+        );
+        drop(
+            store
+                .park(Queue::Sightings, b"bad".to_vec(), "invalid".into())
+                .unwrap(),
+        );
+        store.close().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    {
+        let db = sled::open(dir.path().join("store")).unwrap();
+        let tree = db.open_tree("outbox").unwrap();
+        tree.insert(b"\x00format_version", &2u32.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    assert_eq!(store.format_found(), 2);
+    assert_eq!(
+        store.position().unwrap().as_deref(),
+        Some("1709287215731-0")
+    );
+    let payloads: Vec<Value> = store
+        .scan(Queue::Indicators, None, 10)
+        .unwrap()
+        .iter()
+        .map(|i| serde_json::from_slice(&i.envelope.payload).unwrap())
+        .collect();
+    assert_eq!(payloads, queued);
+    assert_eq!(store.len(Queue::Sightings), 1);
+    assert_eq!(store.dead_len(), 1);
+    assert_eq!(store.len(Queue::Imports), 0);
+    let size = store.catalog_size();
+    assert_eq!((size.active, size.total), (2, 2));
+    // The new queue works next to the old ones.
+    drop(
+        store
+            .enqueue(Queue::Imports, vec![b"{}".to_vec()], None)
+            .unwrap(),
+    );
+    assert_eq!(store.len(Queue::Imports), 1);
+    store.close().unwrap();
+    drop(store);
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    assert_eq!(store.format_found(), CURRENT_FORMAT);
+    assert_eq!(
+        (store.len(Queue::Indicators), store.len(Queue::Imports)),
+        (2, 1)
+    );
+}

@@ -58,6 +58,7 @@ keys! {
     THREATBUS_SNAPSHOT => "threatbus"."snapshot",
     THREATBUS_CONFIRM_DELIVERY => "threatbus"."confirm_delivery",
     THREATBUS_SNAPSHOT_RATE => "threatbus"."snapshot_rate",
+    THREATBUS_IMPORT_INDICATORS => "threatbus"."import_indicators",
 
     BRIDGE_DATA_DIR => "bridge"."data_dir",
     BRIDGE_FLUSH_INTERVAL_MS => "bridge"."flush_interval_ms",

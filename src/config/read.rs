@@ -177,6 +177,7 @@ impl ThreatBusConfig {
                 Some(DEFAULT_SNAPSHOT_RATE),
                 1..=1_000_000,
             )?,
+            import_indicators: src.boolean(keys::THREATBUS_IMPORT_INDICATORS, true)?,
         })
     }
 }

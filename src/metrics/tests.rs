@@ -62,6 +62,27 @@ fn series_before_prometheus_client() -> BTreeSet<String> {
     expected
 }
 
+/// What the import queue (store format 3) added: the same per-queue series as the others.
+fn series_of_the_import_queue() -> BTreeSet<String> {
+    let mut added = BTreeSet::new();
+    for name in ["received", "delivered", "retried", "dead", "dropped"] {
+        added.insert(format!(
+            "opencti_threatbus_{name}_total{{queue=\"imports\"}}"
+        ));
+    }
+    added.insert("opencti_threatbus_queue_depth{queue=\"imports\"}".to_owned());
+    added.insert("opencti_threatbus_queue_oldest_age_seconds{queue=\"imports\"}".to_owned());
+    for suffix in ["sum", "count"] {
+        added.insert(format!(
+            "opencti_threatbus_delivery_latency_seconds_{suffix}{{queue=\"imports\"}}"
+        ));
+    }
+    for name in ["imports_unchanged_total", "imports_skipped_total"] {
+        added.insert(format!("opencti_threatbus_{name}"));
+    }
+    added
+}
+
 /// What the indicator catalog, snapshot answers (store format 2) and reconciliation added.
 fn series_of_the_catalog() -> BTreeSet<String> {
     let mut added = BTreeSet::new();
@@ -90,6 +111,7 @@ fn both_formats_export_the_series_of_the_hand_written_exposition() {
     let metrics = Metrics::default();
     let mut expected = series_before_prometheus_client();
     expected.extend(series_of_the_catalog());
+    expected.extend(series_of_the_import_queue());
     assert_eq!(series(&metrics.render(&store)), expected);
     assert_eq!(series(&metrics.render_openmetrics(&store)), expected);
 }

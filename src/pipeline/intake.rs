@@ -1,16 +1,22 @@
-//! Threat Bus subscription → sighting outbox, and echoes → the indicator drainer.
+//! Threat Bus subscription → sighting and import outboxes, and echoes → the indicator drainer.
 //!
 //! Threat Bus gives no acknowledgement and cannot be paused, so sightings are written at
 //! once (one group-committed batch per burst) and are durable within `flush_interval_ms`
-//! (SPEC §2.5). Echoes of the bridge's own indicators only confirm delivery: they are
-//! never written back to OpenCTI. Snapshot requests go to the snapshot task.
+//! (SPEC §2.5). Every indicator's echo key goes to the indicator drainer (it confirms the
+//! bridge's own deliveries). With `threatbus.import_indicators`, an indicator that is not
+//! the bridge's own is written to the import outbox the same way as a sighting. "Own" is
+//! what the indicator catalog says the bridge sent: the same id with the same `modified`
+//! (tombstones included), so an echo — however late, across restarts — is never imported.
+//! `REMOVE`s and revoked indicators from other apps are not imported (see
+//! [`crate::stix::import`]). Snapshot requests go to the snapshot task.
 
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
-use crate::stix::{classify_bus_message, BusMessage, EchoKey};
+use crate::stix::import::ImportIndicator;
+use crate::stix::{classify_bus_message, indicator_echo_key, BusMessage, EchoKey};
 use crate::store::{Commit, Queue, Store, StoreError};
 use crate::threatbus::Incoming;
 
@@ -25,12 +31,22 @@ pub struct Intake {
     snapshot_requests: mpsc::UnboundedSender<String>,
     sighting_limit: u64,
     metrics: Arc<Metrics>,
+    /// `threatbus.import_indicators`.
+    import: bool,
 }
 
 #[derive(Default)]
 struct Batch {
     sightings: Vec<Vec<u8>>,
     parked: Vec<(Vec<u8>, String)>,
+    imports: Vec<Vec<u8>>,
+    imports_parked: Vec<(Vec<u8>, String)>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.sightings.len() + self.parked.len() + self.imports.len() + self.imports_parked.len()
+    }
 }
 
 impl Intake {
@@ -49,7 +65,14 @@ impl Intake {
             snapshot_requests,
             sighting_limit,
             metrics,
+            import: false,
         }
+    }
+
+    /// Imports indicators other apps publish (`threatbus.import_indicators`).
+    pub fn with_import(mut self, import: bool) -> Self {
+        self.import = import;
+        self
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), StoreError> {
@@ -63,7 +86,7 @@ impl Intake {
             };
             let mut batch = Batch::default();
             self.take(first, &mut batch);
-            while batch.sightings.len() + batch.parked.len() < MAX_BATCH {
+            while batch.len() < MAX_BATCH {
                 match self.incoming.try_recv() {
                     Ok(message) => self.take(message, &mut batch),
                     Err(_) => break,
@@ -75,16 +98,7 @@ impl Intake {
 
     fn take(&self, message: Incoming, batch: &mut Batch) {
         match message {
-            Incoming::Indicator(json) => match classify_bus_message("indicator", &json) {
-                BusMessage::Indicator {
-                    echo_key: Some(key),
-                } => {
-                    let _ = self.echoes.send(key);
-                }
-                _ => tracing::debug!(
-                    "indicator from Threat Bus without a usable id/modified: skipped"
-                ),
-            },
+            Incoming::Indicator(json) => self.take_indicator(json, batch),
             Incoming::Sighting(json) => match classify_bus_message("sighting", &json) {
                 BusMessage::Sighting(_) => batch.sightings.push(json.into_bytes()),
                 BusMessage::InvalidSighting(error) => {
@@ -107,8 +121,63 @@ impl Intake {
         }
     }
 
+    /// An indicator: its echo key to the drainer; a foreign one to the import outbox.
+    fn take_indicator(&self, json: String, batch: &mut Batch) {
+        let value: Option<serde_json::Value> = serde_json::from_str(&json).ok();
+        let key = value.as_ref().and_then(indicator_echo_key);
+        match &key {
+            Some(key) => {
+                let _ = self.echoes.send(key.clone());
+            }
+            None => tracing::debug!("indicator from Threat Bus without a usable id/modified"),
+        }
+        if !self.import {
+            return;
+        }
+        let Some(value) = value else {
+            batch.imports_parked.push((
+                json.into_bytes(),
+                "indicator from Threat Bus is not JSON".into(),
+            ));
+            return;
+        };
+        if let Some(key) = &key {
+            // The catalog holds what the bridge queued for Threat Bus: the same version is
+            // its own echo. A read error only costs the check: the import drainer reads
+            // OpenCTI before writing and finds the version not newer.
+            let own = self
+                .store
+                .catalog_get(&key.id)
+                .ok()
+                .flatten()
+                .is_some_and(|entry| entry.modified_ms == key.modified_ms);
+            if own {
+                self.metrics.imports_skipped.inc();
+                return;
+            }
+        }
+        match ImportIndicator::from_stix(&value) {
+            Ok(indicator) => match indicator.ignored() {
+                Some(reason) => {
+                    tracing::debug!(stix_id = %indicator.stix_id, reason = reason.kind(), "indicator from Threat Bus not imported");
+                    self.metrics.imports_skipped.inc();
+                }
+                None => batch.imports.push(json.into_bytes()),
+            },
+            Err(error) => {
+                tracing::warn!(%error, "invalid indicator from Threat Bus parked as a dead letter");
+                batch
+                    .imports_parked
+                    .push((json.into_bytes(), format!("invalid indicator: {error}")));
+            }
+        }
+    }
+
     /// Writes the burst; beyond the sighting outbox limit, counts and logs every drop.
     fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
+        let imports = std::mem::take(&mut batch.imports);
+        let imports_parked = std::mem::take(&mut batch.imports_parked);
+        self.commit_imports(imports, imports_parked)?;
         let queued = self.store.len(Queue::Sightings);
         let room = self.sighting_limit.saturating_sub(queued) as usize;
         if batch.sightings.len() > room {
@@ -134,6 +203,42 @@ impl Intake {
         };
         let _durable = self.store.commit(Queue::Sightings, commit)?;
         self.metrics.received(Queue::Sightings, received);
+        Ok(())
+    }
+
+    /// The import outbox has the sighting outbox's limit (`bridge.sighting_queue_limit`):
+    /// Threat Bus cannot be paused either, so beyond it every drop is counted and logged.
+    fn commit_imports(
+        &self,
+        mut imports: Vec<Vec<u8>>,
+        parked: Vec<(Vec<u8>, String)>,
+    ) -> Result<(), StoreError> {
+        let room = self
+            .sighting_limit
+            .saturating_sub(self.store.len(Queue::Imports)) as usize;
+        if imports.len() > room {
+            let dropped = imports.split_off(room);
+            self.metrics.imports.dropped.add(dropped.len() as u64);
+            for indicator in &dropped {
+                tracing::error!(
+                    limit = self.sighting_limit,
+                    indicator = %String::from_utf8_lossy(indicator),
+                    "import outbox full: indicator from Threat Bus DROPPED"
+                );
+            }
+        }
+        if imports.is_empty() && parked.is_empty() {
+            return Ok(());
+        }
+        let received = imports.len() as u64;
+        self.metrics.imports.dead.add(parked.len() as u64);
+        let commit = Commit {
+            items: imports,
+            parked,
+            ..Commit::default()
+        };
+        let _durable = self.store.commit(Queue::Imports, commit)?;
+        self.metrics.received(Queue::Imports, received);
         Ok(())
     }
 }

@@ -3,14 +3,16 @@
 //! - [`stream`]: OpenCTI stream → indicator outbox (with the resume position).
 //! - [`to_opencti`]: sighting outbox → OpenCTI sighting relationships.
 //! - [`to_bus`]: indicator outbox → Threat Bus, confirmed by echo.
-//! - [`intake`]: Threat Bus subscription → sighting outbox (and echoes → `to_bus`,
-//!   snapshot requests → `snapshot`).
+//! - [`intake`]: Threat Bus subscription → sighting and import outboxes (and echoes →
+//!   `to_bus`, snapshot requests → `snapshot`).
+//! - [`import`]: import outbox → indicators created or patched in OpenCTI.
 //! - [`snapshot`]: Threat Bus snapshot requests → answers from the indicator catalog.
 //! - [`reconcile`]: after a replay (or on request), active catalog indicators OpenCTI no
 //!   longer has → `REMOVE`s in the indicator outbox.
 //!
 //! [`checkpoint`] holds the position rules; the backoff they share is [`crate::retry`].
 pub mod checkpoint;
+pub mod import;
 pub mod intake;
 pub mod reconcile;
 pub mod snapshot;

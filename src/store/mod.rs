@@ -108,7 +108,7 @@ struct Range {
 
 pub struct Store {
     /// Wakes a queue's drainer when items arrive (one drainer per queue).
-    arrivals: [tokio::sync::Notify; 2],
+    arrivals: [tokio::sync::Notify; 3],
     db: sled::Db,
     tree: sled::Tree,
     commit: GroupCommit,
@@ -116,6 +116,7 @@ pub struct Store {
     format_found: u32,
     indicators: Range,
     sightings: Range,
+    imports: Range,
     dead: Range,
     catalog: CatalogCounts,
 }
@@ -149,6 +150,7 @@ impl Store {
             format_found,
             indicators: Range::default(),
             sightings: Range::default(),
+            imports: Range::default(),
             dead: Range::default(),
             catalog: CatalogCounts::default(),
         };
@@ -656,6 +658,7 @@ impl Store {
         match queue {
             Queue::Indicators => &self.indicators,
             Queue::Sightings => &self.sightings,
+            Queue::Imports => &self.imports,
         }
     }
 
@@ -664,6 +667,7 @@ impl Store {
         for (tag, range) in [
             (Queue::Indicators.tag(), &self.indicators),
             (Queue::Sightings.tag(), &self.sightings),
+            (Queue::Imports.tag(), &self.imports),
             (TAG_DEAD, &self.dead),
         ] {
             let (mut len, mut retrying, mut last) = (0, 0, None);
@@ -718,6 +722,7 @@ fn queue_index(queue: Queue) -> usize {
     match queue {
         Queue::Indicators => 0,
         Queue::Sightings => 1,
+        Queue::Imports => 2,
     }
 }
 

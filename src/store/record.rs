@@ -17,7 +17,7 @@ pub(crate) const TAG_CATALOG: u8 = 0x04;
 pub(crate) const META_FORMAT_VERSION: &[u8] = b"\x00format_version";
 pub(crate) const META_STREAM_POSITION: &[u8] = b"\x00stream_position";
 
-/// One of the two outboxes.
+/// One of the outboxes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")] // for JSON; bincode stores the variant index
 pub enum Queue {
@@ -25,15 +25,20 @@ pub enum Queue {
     Indicators,
     /// Threat Bus → OpenCTI: sightings, delivered concurrently.
     Sightings,
+    /// Threat Bus → OpenCTI: indicators other apps published (format 3), created or
+    /// patched in OpenCTI one at a time.
+    Imports,
 }
 
 impl Queue {
-    pub const ALL: [Queue; 2] = [Queue::Indicators, Queue::Sightings];
+    pub const ALL: [Queue; 3] = [Queue::Indicators, Queue::Sightings, Queue::Imports];
 
     pub(crate) fn tag(self) -> u8 {
         match self {
             Queue::Indicators => 0x01,
             Queue::Sightings => 0x02,
+            // 0x03 is the dead letters, 0x04 the catalog.
+            Queue::Imports => 0x05,
         }
     }
 
@@ -41,6 +46,7 @@ impl Queue {
         match self {
             Queue::Indicators => "indicators",
             Queue::Sightings => "sightings",
+            Queue::Imports => "imports",
         }
     }
 
@@ -48,6 +54,7 @@ impl Queue {
         match name {
             "indicators" => Some(Queue::Indicators),
             "sightings" => Some(Queue::Sightings),
+            "imports" => Some(Queue::Imports),
             _ => None,
         }
     }
