@@ -63,6 +63,9 @@ pub struct Health {
     pub components: BTreeMap<String, String>,
     pub indicators: u64,
     pub sightings: u64,
+    /// Indicators from other Threat Bus apps waiting for OpenCTI.
+    #[serde(default)]
+    pub imports: u64,
     pub dead: u64,
 }
 
@@ -97,6 +100,7 @@ impl Status {
                 .clone(),
             indicators: store.len(Queue::Indicators),
             sightings: store.len(Queue::Sightings),
+            imports: store.len(Queue::Imports),
             dead: store.dead_len(),
         }
     }
