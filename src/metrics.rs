@@ -189,6 +189,11 @@ pub struct Metrics {
     pub reconcile_checked: Counter,
     /// `REMOVE`s queued by reconciliation for indicators OpenCTI no longer has.
     pub reconcile_removed: Counter,
+    /// Damaged stores moved aside and rebuilt at start (`bridge.on_damaged_store: rebuild`).
+    pub store_rebuilds: Counter,
+    /// Queued sightings and dead letters lost with a damaged store (the stream cannot give
+    /// them back; indicators are read again).
+    pub store_damage_lost: Counter,
     families: Families,
 }
 
@@ -208,6 +213,8 @@ impl Default for Metrics {
             reconcile_runs: Counter::default(),
             reconcile_checked: Counter::default(),
             reconcile_removed: Counter::default(),
+            store_rebuilds: Counter::default(),
+            store_damage_lost: Counter::default(),
             families,
         }
     }
@@ -389,6 +396,16 @@ impl Metrics {
                 "reconcile_removed",
                 "REMOVEs queued for indicators OpenCTI deleted, revoked, merged or no longer detects",
                 &self.reconcile_removed,
+            ),
+            (
+                "store_rebuilds",
+                "Damaged stores moved aside and rebuilt from the stream at start",
+                &self.store_rebuilds,
+            ),
+            (
+                "store_damage_lost",
+                "Queued sightings and dead letters lost with a damaged store",
+                &self.store_damage_lost,
             ),
         ] {
             r.register(name, help, counter.0.clone());
