@@ -15,9 +15,9 @@ mod tests;
 pub use error::ConfigError;
 pub use read::DEFAULT_DATA_DIR;
 
+pub use crate::store::damage::OnDamagedStore;
 pub use source::EnvLookup;
 use source::{FileValues, Sources};
-pub use crate::store::damage::OnDamagedStore;
 
 /// The file read when neither `--config` nor `CONFIG_FILE` names one.
 pub const DEFAULT_CONFIG_FILE: &str = "config.yml";

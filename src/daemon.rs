@@ -313,9 +313,12 @@ async fn write_checkpoints(
         }
         let writer = Arc::clone(&store);
         let previous = last.clone();
-        match tokio::task::spawn_blocking(move || writer.write_checkpoint(previous.as_ref())).await {
+        match tokio::task::spawn_blocking(move || writer.write_checkpoint(previous.as_ref())).await
+        {
             Ok(Ok(written)) => last = Some(written),
-            Ok(Err(e)) => tracing::warn!(error = %e, "writing the checkpoint file failed; retrying"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "writing the checkpoint file failed; retrying")
+            }
             Err(e) => tracing::warn!(error = %e, "the checkpoint writer failed; retrying"),
         }
     }

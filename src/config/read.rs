@@ -8,7 +8,7 @@ use uuid::{Uuid, Variant};
 use super::error::ConfigError;
 use super::keys::{self, Key};
 use super::source::{invalid, quote, Sources};
-use super::{BridgeConfig, OnDamagedStore, ConfirmDelivery, ConnectorConfig, LogFormat, LogLevel};
+use super::{BridgeConfig, ConfirmDelivery, ConnectorConfig, LogFormat, LogLevel, OnDamagedStore};
 use super::{OpenCtiConfig, Secret, ThreatBusConfig};
 
 /// Default of `bridge.data_dir`; the container image sets `/data`.

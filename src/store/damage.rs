@@ -103,7 +103,7 @@ pub fn open_checked(
                 return Ok(Opened {
                     store,
                     damage: None,
-                })
+                });
             }
             Some(reason) => {
                 // Released before the directory moves (sled's lock, its threads).

@@ -28,9 +28,9 @@ pub use watermark::Resume;
 
 use catalog::CatalogCounts;
 use commit::GroupCommit;
+use record::{decode, encode, item_key, key_seq, META_STREAM_POSITION, TAG_DEAD, TAG_META};
 use sidecar::{Checkpoint, Closed, Held};
 use watermark::Watermarks;
-use record::{decode, encode, item_key, key_seq, META_STREAM_POSITION, TAG_DEAD, TAG_META};
 
 /// The sled database lives in this subdirectory of `bridge.data_dir`; the admin socket
 /// sits beside it.

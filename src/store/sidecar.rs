@@ -74,13 +74,17 @@ impl Checkpoint {
 
     /// The same claims, ignoring when they were made (to skip rewriting an unchanged file).
     pub(crate) fn same_claims(&self, other: &Checkpoint) -> bool {
-        (&self.watermark, self.catalog_at_least, self.held, &self.closed)
-            == (
-                &other.watermark,
-                other.catalog_at_least,
-                other.held,
-                &other.closed,
-            )
+        (
+            &self.watermark,
+            self.catalog_at_least,
+            self.held,
+            &self.closed,
+        ) == (
+            &other.watermark,
+            other.catalog_at_least,
+            other.held,
+            &other.closed,
+        )
     }
 }
 
