@@ -15,6 +15,7 @@ mod tests;
 pub use error::ConfigError;
 pub use read::DEFAULT_DATA_DIR;
 
+pub use crate::store::damage::OnDamagedStore;
 pub use source::EnvLookup;
 use source::{FileValues, Sources};
 
@@ -140,6 +141,8 @@ pub struct BridgeConfig {
     pub inflight_window: usize,
     pub confirm_timeout: Duration,
     pub opencti_concurrency: usize,
+    /// What to do with a store sled cannot open or that lost items (`bridge.on_damaged_store`).
+    pub on_damaged_store: OnDamagedStore,
 }
 
 impl BridgeConfig {
@@ -157,6 +160,9 @@ impl BridgeConfig {
             inflight_window: 500,
             confirm_timeout: Duration::from_secs(10),
             opencti_concurrency: 4,
+            // Unattended deployments are the common case: a crash loop until someone deletes
+            // the data directory loses more than moving the store aside and re-reading.
+            on_damaged_store: OnDamagedStore::Rebuild,
         }
     }
 }

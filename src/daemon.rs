@@ -23,6 +23,7 @@ use crate::pipeline::stream::{ReaderConfig, StreamReader, DEFAULT_AUTH_RETRY};
 use crate::pipeline::to_bus::{ToBus, ToBusConfig};
 use crate::pipeline::to_opencti::{ToOpenCti, ToOpenCtiConfig};
 use crate::retry::RetryPolicy;
+use crate::store::damage::{open_checked, DamageReport, Opened};
 use crate::store::{Queue, Store, StoreOptions};
 use crate::threatbus::{Link, LinkConfig, LinkState};
 
@@ -57,10 +58,26 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let data_dir = config.bridge.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    let store = open_store(&config).await?;
+    let (store, damage) = open_store(&config).await?;
     let status = Arc::new(Status::default());
     let metrics = Arc::new(Metrics::default());
-    status.set("store", "open");
+    match &damage {
+        None => status.set("store", "open"),
+        Some(report) => {
+            metrics.store_rebuilds.inc();
+            metrics.store_damage_lost.add(report.lost());
+            status.set(
+                "store",
+                format!(
+                    "rebuilt after damage ({}); the damaged store is kept in {}; lost {} sightings and {} dead letters",
+                    report.reason,
+                    report.moved_to.display(),
+                    report.held.sightings,
+                    report.held.dead
+                ),
+            );
+        }
+    }
     let listener = admin::bind(&data_dir)?;
     let (reconcile_tx, reconcile_rx) = mpsc::unbounded_channel();
     let admin_task = tokio::spawn(admin::serve(
@@ -100,6 +117,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     .with_import(config.threatbus.import_indicators);
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(intake.run(stop).await?) });
+    tasks.spawn(write_checkpoints(shutdown.clone(), Arc::clone(&store)));
 
     let to_bus = ToBus::new(
         Arc::clone(&store),
@@ -247,19 +265,40 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         task.abort();
     }
     let _ = std::fs::remove_file(admin::socket_path(&data_dir));
-    tokio::task::spawn_blocking(move || store.close())
-        .await
-        .context("closing the store")??;
+    tokio::task::spawn_blocking(move || {
+        store.close()?;
+        // Only now are the exact claims true: nothing writes to the store any more.
+        store.write_closed_checkpoint()
+    })
+    .await
+    .context("closing the store")??;
     tracing::info!("store flushed; bye");
     outcome
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
+async fn open_store(config: &Config) -> anyhow::Result<(Arc<Store>, Option<DamageReport>)> {
     let options = store_options(config);
     let dir = config.bridge.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir, &options))
-        .await
-        .context("opening the store")??;
+    let policy = config.bridge.on_damaged_store;
+    let Opened { store, damage } =
+        tokio::task::spawn_blocking(move || open_checked(&dir, &options, policy))
+            .await
+            .context("opening the store")??;
+    if let Some(report) = &damage {
+        // Once, loudly: what was lost cannot be recovered by the bridge.
+        tracing::error!(
+            reason = %report.reason,
+            moved_to = %report.moved_to.display(),
+            resume_from = %report.resume_text(),
+            indicators_read_again = report.held.indicators,
+            lost_sightings = report.held.sightings,
+            lost_dead_letters = report.held.dead,
+            as_of = report.as_of.as_deref().unwrap_or("unknown (no checkpoint file)"),
+            "DAMAGED STORE: moved aside and replaced by a fresh one; the stream is read again from the \
+             checkpoint so every undelivered indicator is delivered; the queued sightings and dead letters \
+             it held are lost to the bridge (the moved store is kept for salvage)"
+        );
+    }
     tracing::info!(
         path = %store.path().display(),
         indicators = store.len(Queue::Indicators),
@@ -268,7 +307,37 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
         position = ?store.position()?,
         "store open"
     );
-    Ok(Arc::new(store))
+    Ok((Arc::new(store), damage))
+}
+
+/// How often the checkpoint file is brought up to date. It may lag: an older watermark only
+/// means reading more of the stream again after a damage; each write costs a flush and two
+/// fsyncs, and an idle bridge writes nothing.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps `{data_dir}/checkpoint.json` current until shutdown (the clean close writes the
+/// last one). A failed write is logged and retried: the store itself is fine.
+async fn write_checkpoints(
+    mut shutdown: watch::Receiver<bool>,
+    store: Arc<Store>,
+) -> anyhow::Result<()> {
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
+        }
+        let writer = Arc::clone(&store);
+        let previous = last.clone();
+        match tokio::task::spawn_blocking(move || writer.write_checkpoint(previous.as_ref())).await
+        {
+            Ok(Ok(written)) => last = Some(written),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "writing the checkpoint file failed; retrying")
+            }
+            Err(e) => tracing::warn!(error = %e, "the checkpoint writer failed; retrying"),
+        }
+    }
 }
 
 async fn start_metrics(

@@ -196,6 +196,11 @@ pub struct Metrics {
     /// Indicators from Threat Bus not imported: the bridge's own echoes, `REMOVE`s,
     /// revoked ones.
     pub imports_skipped: Counter,
+    /// Damaged stores moved aside and rebuilt at start (`bridge.on_damaged_store: rebuild`).
+    pub store_rebuilds: Counter,
+    /// Queued sightings and dead letters lost with a damaged store (the stream cannot give
+    /// them back; indicators are read again).
+    pub store_damage_lost: Counter,
     families: Families,
 }
 
@@ -218,6 +223,8 @@ impl Default for Metrics {
             reconcile_removed: Counter::default(),
             imports_unchanged: Counter::default(),
             imports_skipped: Counter::default(),
+            store_rebuilds: Counter::default(),
+            store_damage_lost: Counter::default(),
             families,
         }
     }
@@ -410,6 +417,16 @@ impl Metrics {
                 "imports_skipped",
                 "Indicators from Threat Bus not imported (the bridge's own echoes, REMOVEs, revoked)",
                 &self.imports_skipped,
+            ),
+            (
+                "store_rebuilds",
+                "Damaged stores moved aside and rebuilt from the stream at start",
+                &self.store_rebuilds,
+            ),
+            (
+                "store_damage_lost",
+                "Queued sightings and dead letters lost with a damaged store",
+                &self.store_damage_lost,
             ),
         ] {
             r.register(name, help, counter.0.clone());

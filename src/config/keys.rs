@@ -72,6 +72,7 @@ keys! {
     BRIDGE_INFLIGHT_WINDOW => "bridge"."inflight_window",
     BRIDGE_CONFIRM_TIMEOUT_MS => "bridge"."confirm_timeout_ms",
     BRIDGE_OPENCTI_CONCURRENCY => "bridge"."opencti_concurrency",
+    BRIDGE_ON_DAMAGED_STORE => "bridge"."on_damaged_store",
 }
 
 /// The sections of the file, in the order the example documents them.

@@ -8,7 +8,7 @@ use uuid::{Uuid, Variant};
 use super::error::ConfigError;
 use super::keys::{self, Key};
 use super::source::{invalid, quote, Sources};
-use super::{BridgeConfig, ConfirmDelivery, ConnectorConfig, LogFormat, LogLevel};
+use super::{BridgeConfig, ConfirmDelivery, ConnectorConfig, LogFormat, LogLevel, OnDamagedStore};
 use super::{OpenCtiConfig, Secret, ThreatBusConfig};
 
 /// Default of `bridge.data_dir`; the container image sets `/data`.
@@ -238,6 +238,15 @@ impl BridgeConfig {
                 keys::BRIDGE_OPENCTI_CONCURRENCY,
                 Some(d.opencti_concurrency),
                 1..=256,
+            )?,
+            on_damaged_store: src.choice(
+                keys::BRIDGE_ON_DAMAGED_STORE,
+                Some(d.on_damaged_store),
+                &[
+                    ("rebuild", OnDamagedStore::Rebuild),
+                    ("stop", OnDamagedStore::Stop),
+                ],
+                "rebuild or stop",
             )?,
             data_dir: d.data_dir,
         })

@@ -80,11 +80,11 @@ enum Outcome {
 /// `<updated_at>-0` ids that are database times, not stream ids: resuming from one without
 /// `recover` would read the raw stream from that time instead of finishing the replay. So,
 /// like pycti, every connection sends the recover date until the position has passed it.
-const META_RECOVER_UNTIL: &str = "stream_recover_until";
+pub(crate) const META_RECOVER_UNTIL: &str = crate::store::RECOVER_UNTIL_META;
 /// Store meta key of when the replay in force started (ms since the epoch, wall clock):
 /// catalog entries recorded before it and not since were not refreshed by the replay, and
 /// are what reconciliation checks once it has finished.
-const META_RECOVER_STARTED: &str = "stream_recover_started_ms";
+pub(crate) const META_RECOVER_STARTED: &str = "stream_recover_started_ms";
 
 pub struct StreamReader {
     recover_until: Option<String>,

@@ -53,6 +53,14 @@ pub enum StoreError {
     #[error("catalog changes can only be stored with the indicator queue")]
     CatalogOnSightings,
 
+    /// The checkpoint file beside the store could not be written.
+    #[error("writing the checkpoint file {path} failed: {source}")]
+    Checkpoint {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A record that must be read whole cannot be decoded (damaged, or a format bug).
     #[error("the {what} record cannot be decoded: {error}")]
     Undecodable {

@@ -6,9 +6,12 @@
 
 pub mod catalog;
 mod commit;
+pub mod damage;
 mod error;
 mod migrate;
 mod record;
+pub mod sidecar;
+mod watermark;
 
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -21,10 +24,13 @@ pub use commit::Durable;
 pub use error::StoreError;
 pub use migrate::CURRENT_FORMAT;
 pub use record::{now_ms, DeadItem, DeadLetter, Envelope, Item, Queue};
+pub use watermark::Resume;
 
 use catalog::CatalogCounts;
 use commit::GroupCommit;
 use record::{decode, encode, item_key, key_seq, META_STREAM_POSITION, TAG_DEAD, TAG_META};
+use sidecar::{Checkpoint, Closed, Held};
+use watermark::Watermarks;
 
 /// The sled database lives in this subdirectory of `bridge.data_dir`; the admin socket
 /// sits beside it.
@@ -119,6 +125,8 @@ pub struct Store {
     imports: Range,
     dead: Range,
     catalog: CatalogCounts,
+    /// The resume point of each commit still holding undelivered indicators.
+    watermarks: Mutex<Watermarks>,
 }
 
 /// One atomic write: items for a queue, items parked as dead letters on arrival (payload,
@@ -135,6 +143,23 @@ pub struct Commit {
 impl Store {
     /// Opens (or creates) the store in `data_dir`, checking and upgrading its format.
     pub fn open(data_dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        let store = Store::open_unverified(data_dir, options)?;
+        store.forget_closed()?;
+        Ok(store)
+    }
+
+    /// Before anything can change the store: the exact claims of a clean close no longer
+    /// hold once it is open (a maintenance command may purge or requeue). [`damage`]
+    /// compares them first.
+    pub(crate) fn forget_closed(&self) -> Result<(), StoreError> {
+        sidecar::forget_closed(self.data_dir())
+    }
+
+    /// [`Store::open`], leaving the checkpoint file as it is.
+    pub(crate) fn open_unverified(
+        data_dir: &Path,
+        options: &StoreOptions,
+    ) -> Result<Store, StoreError> {
         let path = data_dir.join(STORE_SUBDIR);
         let db = open_sled(&path, options)?;
         let tree = db.open_tree("outbox")?;
@@ -153,9 +178,21 @@ impl Store {
             imports: Range::default(),
             dead: Range::default(),
             catalog: CatalogCounts::default(),
+            watermarks: Mutex::default(),
         };
         store.count_all()?;
         store.catalog.count(&store.tree)?;
+        // Items queued before this open were read at or after the last checkpoint's
+        // watermark; without one, only a full replay is sure to cover them.
+        let carried = sidecar::read(data_dir)
+            .map(|c| c.watermark)
+            .unwrap_or_default();
+        let current = Resume {
+            position: store.position()?,
+            recover_until: store.meta(RECOVER_UNTIL_META)?,
+        };
+        let head = store.oldest_key(Queue::Indicators)?;
+        *lock_watermarks(&store.watermarks) = Watermarks::new(current, head, carried);
         Ok(store)
     }
 
@@ -253,6 +290,15 @@ impl Store {
         }
         self.tree.apply_batch(batch)?;
         self.catalog.apply(&catalog_delta);
+        if queue == Queue::Indicators && (items > 0 || position.is_some()) {
+            let recover_until = self.meta(RECOVER_UNTIL_META)?;
+            lock_watermarks(&self.watermarks).on_commit(
+                first,
+                items,
+                position.as_deref(),
+                recover_until,
+            );
+        }
         range
             .next_seq
             .store(first + items as u64, Ordering::Relaxed);
@@ -595,6 +641,9 @@ impl Store {
             batch.remove(&item_key(TAG_DEAD, dead.key));
             batch.insert(&item_key(queue.tag(), seq), encode(&envelope)?);
             self.tree.apply_batch(batch)?;
+            if queue == Queue::Indicators {
+                lock_watermarks(&self.watermarks).on_unpositioned(seq);
+            }
             range.next_seq.store(seq + 1, Ordering::Relaxed);
             range.len.fetch_add(1, Ordering::Relaxed);
             self.dead.len.fetch_sub(1, Ordering::Relaxed);
@@ -638,6 +687,94 @@ impl Store {
             }
         }
         Ok(matching)
+    }
+
+    // ----- the checkpoint file ------------------------------------------------------------
+
+    /// The key of the oldest item of `queue`, if any.
+    fn oldest_key(&self, queue: Queue) -> Result<Option<u64>, StoreError> {
+        match self.tree.range(seq_range(queue.tag(), None)).next() {
+            Some(entry) => Ok(key_seq(&entry?.0)),
+            None => Ok(None),
+        }
+    }
+
+    /// The key of the newest item of `queue`, if any.
+    fn newest_key(&self, queue: Queue) -> Result<Option<u64>, StoreError> {
+        match self.tree.range(seq_range(queue.tag(), None)).next_back() {
+            Some(entry) => Ok(key_seq(&entry?.0)),
+            None => Ok(None),
+        }
+    }
+
+    /// The low watermark: a resume point at or before every indicator still queued.
+    pub fn low_watermark(&self) -> Result<Resume, StoreError> {
+        let head = self.oldest_key(Queue::Indicators)?;
+        let mut low = lock_watermarks(&self.watermarks).low(head);
+        if head.is_none() {
+            // The replay in force now (it may have started since the last commit).
+            low.recover_until = self.meta(RECOVER_UNTIL_META)?;
+        }
+        Ok(low)
+    }
+
+    /// The claims of the checkpoint file as of now: write it only once a flush that
+    /// started after this call has finished ([`Store::write_checkpoint`] does both).
+    pub fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
+        Ok(Checkpoint::new(
+            self.low_watermark()?,
+            self.catalog_size().total,
+            self.held(),
+        ))
+    }
+
+    fn held(&self) -> Held {
+        Held {
+            indicators: self.len(Queue::Indicators),
+            sightings: self.len(Queue::Sightings),
+            dead: self.dead_len(),
+        }
+    }
+
+    /// Reads the claims, flushes, writes the checkpoint file (unless its claims equal
+    /// `last`'s). The order keeps the file from claiming what is not yet on disk. Returns
+    /// what the file now says.
+    pub fn write_checkpoint(&self, last: Option<&Checkpoint>) -> Result<Checkpoint, StoreError> {
+        let checkpoint = self.checkpoint()?;
+        if last.is_some_and(|last| last.same_claims(&checkpoint)) {
+            return Ok(checkpoint);
+        }
+        self.flush()?;
+        sidecar::write(self.data_dir(), &checkpoint)?;
+        Ok(checkpoint)
+    }
+
+    /// After [`Store::close`]: writes the checkpoint file with the exact state, so that the
+    /// next open can tell a store that gives back less than it held.
+    pub fn write_closed_checkpoint(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        let mut checkpoint = self.checkpoint()?;
+        checkpoint.closed = Some(Closed {
+            held: checkpoint.held,
+            catalog: checkpoint.catalog_at_least,
+            newest_indicator: self.newest_key(Queue::Indicators)?,
+            position: self.position()?,
+        });
+        sidecar::write(self.data_dir(), &checkpoint)
+    }
+
+    /// The state the exact claims of a clean close are compared with.
+    pub(crate) fn closed_state(&self) -> Result<Closed, StoreError> {
+        Ok(Closed {
+            held: self.held(),
+            catalog: self.catalog_size().total,
+            newest_indicator: self.newest_key(Queue::Indicators)?,
+            position: self.position()?,
+        })
+    }
+
+    fn data_dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
     }
 
     // ----- lifecycle -------------------------------------------------------------------
@@ -736,6 +873,15 @@ fn meta_key(name: &str) -> Vec<u8> {
 fn lock(mutex: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+fn lock_watermarks(mutex: &Mutex<Watermarks>) -> std::sync::MutexGuard<'_, Watermarks> {
+    // Poisoned only by a panic elsewhere; the bookkeeping stays conservative either way.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The stream reader's meta key of the replay in force (see `pipeline::stream`): the
+/// watermark carries it, because a replay id resumed without it is read as a raw time.
+pub(crate) const RECOVER_UNTIL_META: &str = "stream_recover_until";
 
 #[cfg(test)]
 mod tests {
