@@ -71,36 +71,34 @@ impl Peer {
 
 impl SightingApi for Peer {
     async fn create_sighting(&self, _input: &SightingInput) -> Result<String, GraphqlError> {
-        {
-            let now = Instant::now();
-            let at_once = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-            let down = now >= self.down_from && now < self.down_until;
-            if down {
-                self.refused.fetch_add(1, Ordering::SeqCst);
-                // Past the first answers: the drainer knows by then.
-                if now >= self.down_from + LATENCY * 10 {
-                    self.max_in_flight_down.fetch_max(at_once, Ordering::SeqCst);
-                }
-            } else if now >= self.down_until {
-                self.max_in_flight_after
-                    .fetch_max(at_once, Ordering::SeqCst);
-                self.first_after
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert(now);
+        let now = Instant::now();
+        let at_once = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let down = now >= self.down_from && now < self.down_until;
+        if down {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            // Past the first answers: the drainer knows by then.
+            if now >= self.down_from + LATENCY * 10 {
+                self.max_in_flight_down.fetch_max(at_once, Ordering::SeqCst);
             }
-            tokio::time::sleep(LATENCY).await;
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            if down {
-                Err(GraphqlError::Transport {
-                    message: "connection refused".into(),
-                })
-            } else {
-                if self.delivered.fetch_add(1, Ordering::SeqCst) + 1 == SIGHTINGS {
-                    self.all_delivered.notify_one();
-                }
-                Ok("sighting-internal-id".into())
+        } else if now >= self.down_until {
+            self.max_in_flight_after
+                .fetch_max(at_once, Ordering::SeqCst);
+            self.first_after
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(now);
+        }
+        tokio::time::sleep(LATENCY).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if down {
+            Err(GraphqlError::Transport {
+                message: "connection refused".into(),
+            })
+        } else {
+            if self.delivered.fetch_add(1, Ordering::SeqCst) + 1 == SIGHTINGS {
+                self.all_delivered.notify_one();
             }
+            Ok("sighting-internal-id".into())
         }
     }
 
