@@ -60,7 +60,9 @@ fn position(data_dir: &Path) -> Option<String> {
 fn invalid_utf8_event() -> Vec<u8> {
     let mut data = br#"{"version":"4","type":"create","data":{"type":"indicator","spec_version":"2.1","id":"indicator--9d1f8c55-6c38-4b6f-9a4e-1f0f2a6b7c01","name":"bad "#.to_vec();
     data.push(0xff);
-    data.extend_from_slice(br#" byte","pattern":"[ipv4-addr:value = '10.9.9.9']","pattern_type":"stix"},"origin":{}}"#);
+    data.extend_from_slice(
+        br#" byte","pattern":"[ipv4-addr:value = '10.9.9.9']","pattern_type":"stix"},"origin":{}}"#,
+    );
     data
 }
 
@@ -165,7 +167,9 @@ fn a_position_that_keeps_failing_is_said_with_its_position_and_count() {
     ));
     bridge.wait_healthy(WAIT);
     bridge.until("the error naming the position", WAIT, || {
-        bridge.log_text().contains("keeps failing at the same position")
+        bridge
+            .log_text()
+            .contains("keeps failing at the same position")
     });
     let log = bridge.log_text();
     let line = log
