@@ -153,10 +153,16 @@ impl StreamReader {
                 Ok(stream) => {
                     self.checkpoint.reset_connection();
                     let recovering = resume.recover.is_some();
-                    match self
+                    let before = self.checkpoint.position().map(str::to_owned);
+                    let outcome = self
                         .read(stream, recovering, &mut shutdown, &mut backoff)
-                        .await?
-                    {
+                        .await?;
+                    if self.checkpoint.position() != before.as_deref() {
+                        // The connection got somewhere: its end is a new failure, not one
+                        // more of the old ones.
+                        backoff.reset();
+                    }
+                    match outcome {
                         Outcome::Shutdown => return Ok(()),
                         Outcome::Recover => {
                             self.start_recovery(now_iso())?;
@@ -369,7 +375,7 @@ impl StreamReader {
             if event.event == "connected" {
                 // After failures at this very position, the next one waits its full delay:
                 // a stream that connects and then fails at the same event must not loop
-                // at the initial delay. Progress resets it (see `commit`).
+                // at the initial delay. Progress resets it (see `run`).
                 if self.repeated.is_none() {
                     backoff.reset();
                 }
