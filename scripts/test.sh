@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 shared="${SHARED_DIR:-../shared}"
 venv="${THREATBUS_VENV:-.venv-threatbus}"
+# An absolute THREATBUS_VENV (a venv shared by several checkouts) is used as it is.
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
 requirements="$shared/threatbus/requirements.txt"
 
 # The real Threat Bus, pinned, in a venv of its own: reinstalled only when the pins change.
@@ -17,8 +19,8 @@ if [ ! -x "$venv/bin/threatbus" ] || ! cmp -s "$requirements" "$venv/requirement
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
     cp "$requirements" "$venv/requirements.txt"
 fi
-export THREATBUS_BIN="$PWD/$venv/bin/threatbus"
-export THREATBUS_PYTHON="$PWD/$venv/bin/python"
+export THREATBUS_BIN="$venv/bin/threatbus"
+export THREATBUS_PYTHON="$venv/bin/python"
 export OPENCTI_SHARED_DIR="$(cd "$shared/opencti" && pwd)"
 export THREATBUS_CONFIG="$(cd "$shared/threatbus" && pwd)/config.yaml"
 
