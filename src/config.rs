@@ -143,7 +143,18 @@ pub struct BridgeConfig {
     pub opencti_concurrency: usize,
     /// What to do with a store sled cannot open or that lost items (`bridge.on_damaged_store`).
     pub on_damaged_store: OnDamagedStore,
+    /// The largest stream event accepted; a larger one becomes a dead letter.
+    pub max_event_bytes: usize,
+    /// The longest wait between two probes of a peer that is down (OpenCTI, Threat Bus): it
+    /// bounds how long the bridge takes to notice that the peer is back.
+    pub probe_max: Duration,
 }
+
+/// Default of `bridge.probe_max_ms`. While a peer is down the bridge sends it one probe at
+/// a time, and after this long at most it tries again: so a backlog starts draining within
+/// 5 s of the peer's return, after an outage of any length, at the cost of one cheap
+/// request (a refused connection, a 502) per 5 s while it is down.
+pub const DEFAULT_PROBE_MAX: Duration = Duration::from_secs(5);
 
 impl BridgeConfig {
     pub fn with_data_dir(data_dir: impl AsRef<Path>) -> Self {
@@ -163,6 +174,8 @@ impl BridgeConfig {
             // Unattended deployments are the common case: a crash loop until someone deletes
             // the data directory loses more than moving the store aside and re-reading.
             on_damaged_store: OnDamagedStore::Rebuild,
+            max_event_bytes: crate::opencti::stream::DEFAULT_MAX_EVENT_BYTES,
+            probe_max: DEFAULT_PROBE_MAX,
         }
     }
 }

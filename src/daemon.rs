@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::opencti::connector_state::{self, ConnectorState};
 use crate::opencti::graphql::{ConnectorRegistration, GraphqlClient};
 use crate::opencti::registration;
-use crate::opencti::stream::{StreamClient, StreamConfig};
+use crate::opencti::stream::{StreamClient, StreamConfig, StreamError};
 use crate::pipeline::import::{ImportConfig, Importer};
 use crate::pipeline::intake::Intake;
 use crate::pipeline::reconcile::{ReconcileConfig, Reconciler};
@@ -95,7 +95,12 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
 
     // Threat Bus link, and the topic bookkeeping that survives a crash.
     let stale_topic = store.meta(META_BUS_TOPIC)?;
-    let (link, incoming) = Link::start(LinkConfig::from_config(&config.threatbus, stale_topic))?;
+    let mut link_config = LinkConfig::from_config(&config.threatbus, stale_topic);
+    // A subscription attempt is one request at a time: each failure is a probe of Threat
+    // Bus, and `bridge.probe_max_ms` bounds how long its return goes unnoticed.
+    link_config.retry_max = link_config.retry_max.min(config.bridge.probe_max);
+    link_config.retry_initial = link_config.retry_initial.min(link_config.retry_max);
+    let (link, incoming) = Link::start(link_config)?;
     tasks.spawn(track_topic(
         shutdown.clone(),
         link.state(),
@@ -158,7 +163,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         recover_until: None,
     });
     let reader = StreamReader::new(
-        StreamClient::new(&StreamConfig::from_config(&config))?,
+        stream_client(&config)?,
         Arc::clone(&store),
         reader_config(&config),
         Arc::clone(&status),
@@ -204,6 +209,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             concurrency: config.bridge.opencti_concurrency,
             max_attempts: config.bridge.max_attempts,
             retry: RetryPolicy::from_config(&config.bridge),
+            probe: RetryPolicy::probe(&config.bridge),
             auth_retry: DEFAULT_AUTH_RETRY,
             confidence: config.connector.confidence_level,
             entity_name: config.connector.entity_name.clone(),
@@ -362,6 +368,12 @@ async fn start_metrics(
     ))))
 }
 
+fn stream_client(config: &Config) -> Result<StreamClient, StreamError> {
+    let mut client = StreamClient::new(&StreamConfig::from_config(config))?;
+    client.set_max_event_bytes(config.bridge.max_event_bytes);
+    Ok(client)
+}
+
 fn reader_config(config: &Config) -> ReaderConfig {
     ReaderConfig {
         forward_all_iocs: config.connector.forward_all_iocs,
@@ -374,7 +386,8 @@ fn reader_config(config: &Config) -> ReaderConfig {
             .clone()
             .unwrap_or_else(|| "0-0".into()),
         first_start_recover: config.connector.live_stream_recover_iso_date.clone(),
-        retry: RetryPolicy::from_config(&config.bridge),
+        // One connection at a time: every failed connection is a probe of OpenCTI.
+        retry: RetryPolicy::probe(&config.bridge),
         auth_retry: DEFAULT_AUTH_RETRY,
     }
 }

@@ -42,6 +42,19 @@ impl Counter {
     }
 }
 
+/// A value that goes up and down. A thin handle like [`Counter`].
+#[derive(Debug, Clone, Default)]
+pub struct GaugeValue(Gauge<i64, std::sync::atomic::AtomicI64>);
+
+impl GaugeValue {
+    pub fn set(&self, value: i64) {
+        self.0.set(value);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.get()
+    }
+}
+
 /// Upper bounds (seconds) of the delivery-latency buckets: from a quick local delivery to
 /// an item that waited out an outage of an hour.
 const LATENCY_BUCKETS_S: [f64; 14] = [
@@ -178,6 +191,8 @@ pub struct Metrics {
     pub stream_events: Counter,
     pub stream_reconnects: Counter,
     pub stream_gaps: Counter,
+    /// Failed connections in a row at the same stream position, failing the same way.
+    pub stream_repeated_failures: GaugeValue,
     pub bus_resubscriptions: Counter,
     /// Snapshot requests received from Threat Bus (both kinds).
     pub snapshot_requests: Counter,
@@ -214,6 +229,7 @@ impl Default for Metrics {
             stream_events: Counter::default(),
             stream_reconnects: Counter::default(),
             stream_gaps: Counter::default(),
+            stream_repeated_failures: GaugeValue::default(),
             bus_resubscriptions: Counter::default(),
             snapshot_requests: Counter::default(),
             snapshots_answered: Counter::default(),
@@ -349,6 +365,13 @@ impl Metrics {
                 lag,
             );
         }
+
+        r.register(
+            "stream_repeated_failures",
+            "Failed stream connections in a row at the same position, failing the same way \
+             (0 once the position moves)",
+            self.stream_repeated_failures.0.clone(),
+        );
 
         r.register_with_unit(
             "delivery_latency",

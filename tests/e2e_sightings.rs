@@ -187,6 +187,83 @@ fn an_opencti_outage_delays_but_loses_nothing() {
     assert!(bridge.log_text().contains("OpenCTI reachable again"));
 }
 
+/// Issue 8: each of the `opencti_concurrency` requests that failed advanced the backoff, so
+/// two rounds reached the 60 s cap and a backlog waited a minute after a 30 s outage. With
+/// the production delays (500 ms up to 60 s, probes capped at 5 s), a down OpenCTI sees one
+/// request at a time, and the wait after its return is printed (the paused-clock proof of
+/// the 5 s bound is `tests/outage_recovery.rs`).
+#[test]
+fn a_down_opencti_is_probed_one_request_at_a_time() {
+    let mut world = World::new();
+    let env = world
+        .env()
+        .set("BRIDGE_RETRY_INITIAL_MS", "500")
+        .set("BRIDGE_RETRY_MAX_MS", "60000");
+    let mut bridge = Bridge::start(env);
+    bridge.wait_healthy(WAIT);
+    bridge.wait_subscribed(WAIT);
+    let first: Vec<Value> = (0..10).map(|i| world.sighting(i)).collect();
+    world.publish(&first);
+    bridge.until("the first sightings", WAIT, || {
+        world.double().sightings().len() >= 10
+    });
+
+    // Slow answers, so that requests overlap whenever the bridge sends more than one.
+    world.double().set_latency(Duration::from_millis(100));
+    world.double().set_bad_gateway(true);
+    let during: Vec<Value> = (10..50).map(|i| world.sighting(i)).collect();
+    world.publish(&during);
+    bridge.until("a backlog while OpenCTI answers 502", WAIT, || {
+        bridge.queued("sightings") >= 40
+    });
+    // The requests in flight when the outage began have failed by now; from here on only
+    // probes reach OpenCTI, through the whole climb of the backoff to its cap.
+    std::thread::sleep(Duration::from_millis(500));
+    world.double().reset_max_in_flight();
+    let refused = |double: &GraphqlDouble| {
+        double
+            .requests()
+            .iter()
+            .filter(|r| r.status == 502)
+            .filter(|r| {
+                r.query
+                    .as_deref()
+                    .is_some_and(|q| q.contains("stixSightingRelationshipAdd"))
+            })
+            .count()
+    };
+    let refused_before = refused(world.double());
+    std::thread::sleep(Duration::from_secs(12));
+    let probes = refused(world.double()) - refused_before;
+    assert_eq!(
+        world.double().max_in_flight(),
+        1,
+        "one request at a time while OpenCTI is down"
+    );
+    assert!(probes >= 2, "OpenCTI was probed ({probes} requests)");
+    assert_eq!(bridge.queued("dead"), 0, "an outage dead-letters nothing");
+
+    world.double().set_bad_gateway(false);
+    let back = std::time::Instant::now();
+    let recorded = world.double().sightings().len();
+    bridge.until("a first sighting after the return", WAIT, || {
+        world.double().sightings().len() > recorded
+    });
+    let noticed = back.elapsed();
+    bridge.until("the backlog to drain", WAIT, || {
+        bridge.queued("sightings") == 0
+    });
+    let ids = recorded_ids(world.double());
+    assert!(during.iter().all(|s| ids.contains(&id_of(s))));
+    eprintln!(
+        "12 s of 502: {probes} probes; first sighting {:.2} s after OpenCTI answered again, \
+         backlog drained after {:.2} s",
+        noticed.as_secs_f64(),
+        back.elapsed().as_secs_f64()
+    );
+    assert!(bridge.log_text().contains("OpenCTI reachable again"));
+}
+
 #[test]
 fn sightings_durable_before_a_sigkill_all_land() {
     let mut world = World::new();

@@ -464,3 +464,25 @@ async fn a_stopped_live_stream_is_retried_slowly_until_started() {
     .await;
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_in_a_row_at_one_position_are_counted_until_it_moves() {
+    let double = OpenCti::start();
+    double.require_token(TOKEN);
+    // No heartbeat moves the position meanwhile: only the event below does.
+    double.set_heartbeat_interval(Duration::from_secs(600));
+    let history = with_history(&double);
+    double.fail_next(502, 4);
+    let run = start(&double, reader_config(1000), resume_at(history));
+    until("four failures in a row at the stored position", || {
+        run.metrics.stream_repeated_failures.get() == 4
+    })
+    .await;
+    double.append_indicator_create(&Indicator::ipv4("198.51.100.77"));
+    until("the count to clear once the position moves", || {
+        run.metrics.stream_repeated_failures.get() == 0
+    })
+    .await;
+    let store = run.stop().await;
+    assert_eq!(items(&store).len(), 1);
+}

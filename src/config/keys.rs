@@ -73,6 +73,8 @@ keys! {
     BRIDGE_CONFIRM_TIMEOUT_MS => "bridge"."confirm_timeout_ms",
     BRIDGE_OPENCTI_CONCURRENCY => "bridge"."opencti_concurrency",
     BRIDGE_ON_DAMAGED_STORE => "bridge"."on_damaged_store",
+    BRIDGE_MAX_EVENT_BYTES => "bridge"."max_event_bytes",
+    BRIDGE_PROBE_MAX_MS => "bridge"."probe_max_ms",
 }
 
 /// The sections of the file, in the order the example documents them.

@@ -187,6 +187,11 @@ impl ThreatBusConfig {
 /// leaves room for live forwarding at the same time.
 pub const DEFAULT_SNAPSHOT_RATE: u32 = 400;
 
+/// `bridge.max_event_bytes`: at least 4 KiB, or OpenCTI's own `connected` and heartbeat
+/// events and every ordinary indicator would be refused; at most 1 GiB, beyond which the
+/// limit no longer bounds the memory of a small container.
+const MAX_EVENT_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=(1 << 30);
+
 /// `bridge.data_dir` alone, for commands that must run without the rest of the config.
 pub(super) fn data_dir(src: &Sources) -> Result<PathBuf, ConfigError> {
     let dir = src.optional_text(keys::BRIDGE_DATA_DIR)?;
@@ -248,6 +253,12 @@ impl BridgeConfig {
                 ],
                 "rebuild or stop",
             )?,
+            max_event_bytes: src.integer(
+                keys::BRIDGE_MAX_EVENT_BYTES,
+                Some(d.max_event_bytes),
+                MAX_EVENT_BYTES_RANGE,
+            )?,
+            probe_max: millis(src, keys::BRIDGE_PROBE_MAX_MS, d.probe_max)?,
             data_dir: d.data_dir,
         })
     }

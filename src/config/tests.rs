@@ -266,6 +266,8 @@ fn every_bridge_key_is_read_from_the_environment() {
         ("BRIDGE_INFLIGHT_WINDOW", "7"),
         ("BRIDGE_CONFIRM_TIMEOUT_MS", "2500"),
         ("BRIDGE_OPENCTI_CONCURRENCY", "256"),
+        ("BRIDGE_MAX_EVENT_BYTES", "65536"),
+        ("BRIDGE_PROBE_MAX_MS", "2000"),
     ];
     let b = valid(base_with_env(&env)).bridge;
     assert_eq!(b.data_dir, Path::new("/data"));
@@ -280,6 +282,8 @@ fn every_bridge_key_is_read_from_the_environment() {
     assert_eq!(b.inflight_window, 7);
     assert_eq!(b.confirm_timeout, Duration::from_millis(2500));
     assert_eq!(b.opencti_concurrency, 256);
+    assert_eq!(b.max_event_bytes, 65536);
+    assert_eq!(b.probe_max, Duration::from_millis(2000));
 }
 
 #[test]
@@ -485,6 +489,9 @@ invalid_env_tests! {
     invalid_confirm_timeout_zero: BRIDGE_CONFIRM_TIMEOUT_MS = "0",
     invalid_opencti_concurrency_zero: BRIDGE_OPENCTI_CONCURRENCY = "0",
     invalid_opencti_concurrency_too_big: BRIDGE_OPENCTI_CONCURRENCY = "257",
+    invalid_max_event_bytes_too_small: BRIDGE_MAX_EVENT_BYTES = "4095",
+    invalid_max_event_bytes_too_big: BRIDGE_MAX_EVENT_BYTES = "1073741825",
+    invalid_probe_max_zero: BRIDGE_PROBE_MAX_MS = "0",
     invalid_integer_overflow: BRIDGE_INDICATOR_QUEUE_LIMIT = "99999999999999999999999",
 }
 

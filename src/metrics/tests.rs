@@ -108,6 +108,11 @@ fn series_of_the_catalog() -> BTreeSet<String> {
     added
 }
 
+/// What the hardening (poison on the stream never loops silently) added.
+fn series_of_the_hardening() -> BTreeSet<String> {
+    BTreeSet::from(["opencti_threatbus_stream_repeated_failures".to_string()])
+}
+
 #[test]
 fn both_formats_export_the_series_of_the_hand_written_exposition() {
     let (store, _dir) = store_with_position();
@@ -115,6 +120,7 @@ fn both_formats_export_the_series_of_the_hand_written_exposition() {
     let mut expected = series_before_prometheus_client();
     expected.extend(series_of_the_catalog());
     expected.extend(series_of_the_import_queue());
+    expected.extend(series_of_the_hardening());
     assert_eq!(series(&metrics.render(&store)), expected);
     assert_eq!(series(&metrics.render_openmetrics(&store)), expected);
 }

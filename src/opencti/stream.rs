@@ -40,10 +40,15 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`StreamClient::connect`] waits for the response head by default. OpenCTI sends
 /// it before any replay or recovery starts, so this only has to cover authentication.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest line the parser buffers. One OpenCTI event is one `data:` line; a big
-/// container can take megabytes, so this is generous, but it bounds the memory a broken or
-/// hostile server can make the bridge hold.
-pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+/// Default of `bridge.max_event_bytes`, the largest event the bridge accepts. One OpenCTI
+/// event is one `data:` line of JSON; a big report or container can take megabytes, so this
+/// is generous, but it bounds the memory a broken or hostile server can make the bridge
+/// hold (the parser never buffers more than this plus one chunk).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+/// How much of an oversized event's data its dead letter keeps: the start of OpenCTI's JSON
+/// names the object (type, id, name), which is what an operator needs to find it, without
+/// letting one bad event put megabytes into the store.
+pub const POISON_PREFIX_BYTES: usize = 64 * 1024;
 /// How much of an error response's body goes into [`StreamError::HttpStatus`].
 const BODY_EXCERPT_BYTES: usize = 512;
 /// How long reading that excerpt may take.
@@ -85,10 +90,14 @@ pub enum StreamError {
     Transport { message: String },
 
     /// The server answered, but not with an event stream: another content type (a login or
-    /// front-end page), invalid UTF-8, a line over [`MAX_LINE_BYTES`], an undecodable
-    /// `connected` event.
+    /// front-end page), an undecodable `connected` event, an id that is not `<ms>-<seq>`.
     #[error("not a valid OpenCTI event stream: {0}")]
     Protocol(String),
+
+    /// One event cannot be used (invalid UTF-8, over `bridge.max_event_bytes`). Unlike the
+    /// other variants this does not end the stream: the events after it keep coming.
+    #[error("{0}")]
+    Poison(Box<PoisonEvent>),
 
     /// The server closed the stream cleanly. OpenCTI never ends a stream on its own, so
     /// this is reported like an error: reconnect.
@@ -168,6 +177,7 @@ pub struct StreamClient {
     no_dependencies: HeaderValue,
     with_inferences: HeaderValue,
     response_timeout: Duration,
+    max_event_bytes: usize,
 }
 
 impl fmt::Debug for StreamClient {
@@ -179,6 +189,7 @@ impl fmt::Debug for StreamClient {
             .field("no_dependencies", &self.no_dependencies)
             .field("with_inferences", &self.with_inferences)
             .field("response_timeout", &self.response_timeout)
+            .field("max_event_bytes", &self.max_event_bytes)
             .finish()
     }
 }
@@ -216,6 +227,7 @@ impl StreamClient {
             no_dependencies: bool_header(cfg.no_dependencies),
             with_inferences: bool_header(cfg.with_inferences),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
         })
     }
 
@@ -223,6 +235,13 @@ impl StreamClient {
     /// ([`DEFAULT_RESPONSE_TIMEOUT`] unless changed).
     pub fn set_response_timeout(&mut self, timeout: Duration) {
         self.response_timeout = timeout;
+    }
+
+    /// The largest event a connection accepts (`bridge.max_event_bytes`,
+    /// [`DEFAULT_MAX_EVENT_BYTES`] unless changed): a larger one is reported as
+    /// [`StreamError::Poison`], keeping only its first [`POISON_PREFIX_BYTES`].
+    pub fn set_max_event_bytes(&mut self, max_event_bytes: usize) {
+        self.max_event_bytes = max_event_bytes;
     }
 
     /// The stream URL, without the `recover` query.
@@ -309,7 +328,10 @@ impl StreamClient {
                 )));
             }
         }
-        Ok(EventStream::from_byte_stream(response.bytes_stream()))
+        Ok(EventStream::with_max_event_bytes(
+            response.bytes_stream(),
+            self.max_event_bytes,
+        ))
     }
 }
 
@@ -373,12 +395,31 @@ pub struct SseEvent {
     pub data: String,
 }
 
+/// One complete event the parser could not turn into an [`SseEvent`]: what is left of it
+/// for a dead letter, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event {} ({event}, {size} bytes) cannot be used: {reason}", id.as_deref().unwrap_or("without id"))]
+pub struct PoisonEvent {
+    /// Its `id:` line, as for [`SseEvent::id`] (`None` also when the id itself is invalid).
+    pub id: Option<String>,
+    /// Its `event:` line (lossy UTF-8), `message` without one.
+    pub event: String,
+    /// Its `data:` lines as received (not valid UTF-8, perhaps), at most
+    /// [`POISON_PREFIX_BYTES`] of them when the event was over the limit.
+    pub data: Vec<u8>,
+    /// The bytes of its lines, all of them, also those dropped.
+    pub size: usize,
+    /// Why it cannot be used.
+    pub reason: String,
+}
+
 /// The events of one connection.
 ///
-/// Yields `Ok(event)` for each complete event. When the connection ends it yields one
-/// `Err`: [`StreamError::Transport`] for a failure or a cut connection,
-/// [`StreamError::Ended`] for a clean close, [`StreamError::Protocol`] for bytes that are not
-/// an event stream. Then it yields `None` for good. A partial event at the cut is dropped.
+/// Yields `Ok(event)` for each complete event, and `Err(StreamError::Poison)` for a
+/// complete event that cannot be used; both go on. When the connection ends it yields one
+/// other `Err`: [`StreamError::Transport`] for a failure or a cut connection,
+/// [`StreamError::Ended`] for a clean close. Then it yields `None` for good. A partial
+/// event at the cut is dropped.
 pub struct EventStream {
     inner: Pin<Box<dyn Stream<Item = Result<SseEvent, StreamError>> + Send>>,
 }
@@ -391,8 +432,19 @@ impl fmt::Debug for EventStream {
 
 impl EventStream {
     /// Parses any stream of byte chunks, e.g. a file's bytes in a test, exactly as an HTTP
-    /// body is parsed.
+    /// body is parsed, with the default event limit ([`DEFAULT_MAX_EVENT_BYTES`]).
     pub fn from_byte_stream<S, B, E>(bytes: S) -> Self
+    where
+        S: Stream<Item = Result<B, E>> + Send + 'static,
+        B: AsRef<[u8]>,
+        E: std::error::Error + 'static,
+    {
+        Self::with_max_event_bytes(bytes, DEFAULT_MAX_EVENT_BYTES)
+    }
+
+    /// [`from_byte_stream`](Self::from_byte_stream) with an event over `max_event_bytes`
+    /// reported as [`StreamError::Poison`] (and never held in memory whole).
+    pub fn with_max_event_bytes<S, B, E>(bytes: S, max_event_bytes: usize) -> Self
     where
         S: Stream<Item = Result<B, E>> + Send + 'static,
         B: AsRef<[u8]>,
@@ -401,7 +453,7 @@ impl EventStream {
         EventStream {
             inner: Box::pin(Decoder {
                 body: Box::pin(bytes),
-                parser: Parser::default(),
+                parser: Parser::new(max_event_bytes),
                 done: false,
             }),
         }
@@ -416,7 +468,7 @@ impl Stream for EventStream {
     }
 }
 
-/// Byte chunks in, events out; fused after the first error.
+/// Byte chunks in, events out; fused after the first error that ends the connection.
 struct Decoder<S> {
     body: Pin<Box<S>>,
     parser: Parser,
@@ -438,12 +490,11 @@ where
                 return Poll::Ready(None);
             }
             match this.parser.next_event() {
-                Ok(Some(event)) => return Poll::Ready(Some(Ok(event))),
-                Ok(None) => {}
-                Err(e) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e)));
+                Some(Ok(event)) => return Poll::Ready(Some(Ok(event))),
+                Some(Err(poison)) => {
+                    return Poll::Ready(Some(Err(StreamError::Poison(Box::new(poison)))))
                 }
+                None => {}
             }
             match this.body.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => this.parser.push(chunk.as_ref()),
@@ -467,8 +518,11 @@ where
 ///
 /// Each chunk is copied once into the buffer; each event costs its `data`, `event` and `id`
 /// strings and nothing else. Consumed bytes are dropped when the next chunk comes in, so
-/// the buffer holds at most one partial line plus one chunk.
-#[derive(Default)]
+/// the buffer holds at most one partial line plus one chunk, and a partial line is never
+/// held beyond the event limit: past it, the rest of the line is dropped as it arrives.
+///
+/// One event that cannot be used (invalid UTF-8, over the limit) never stops the parser: it
+/// is reported as a [`PoisonEvent`] at the blank line that ends it, and parsing goes on.
 struct Parser {
     buf: Vec<u8>,
     /// The first byte not yet consumed.
@@ -479,15 +533,56 @@ struct Parser {
     skip_lf: bool,
     /// The start of the stream was checked for a byte order mark.
     bom_checked: bool,
+    /// The current line went over the limit: its bytes are dropped up to its end.
+    discarding: Option<Discard>,
+    /// The event being read.
+    current: Pending,
+}
+
+/// What the line being dropped is.
+#[derive(Clone, Copy)]
+enum Discard {
+    /// A comment: nothing of the event, not counted.
+    Comment,
+    /// A field of the event: counted in its size.
+    Field,
+}
+
+/// The fields of the event being read, and what is wrong with it so far.
+struct Pending {
+    /// `bridge.max_event_bytes`: the most bytes (lines without terminators, comments
+    /// aside) one event may have.
+    max_bytes: usize,
     id: Option<String>,
     event: Option<String>,
-    data: String,
+    data: Vec<u8>,
     has_data: bool,
+    /// Bytes of the event's lines so far.
+    size: usize,
+    /// Over `max_bytes`: `data` holds only a prefix of [`POISON_PREFIX_BYTES`].
+    oversized: bool,
+    /// Why the event cannot be used (the first reason found).
+    poison: Option<String>,
 }
+
+/// What a complete event turned out to be.
+type Dispatched = Result<SseEvent, PoisonEvent>;
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl Parser {
+    fn new(max_event_bytes: usize) -> Self {
+        Parser {
+            buf: Vec::new(),
+            pos: 0,
+            scanned: 0,
+            skip_lf: false,
+            bom_checked: false,
+            discarding: None,
+            current: Pending::new(max_event_bytes),
+        }
+    }
+
     fn push(&mut self, chunk: &[u8]) {
         if self.pos == self.buf.len() {
             self.buf.clear();
@@ -501,12 +596,12 @@ impl Parser {
         self.buf.extend_from_slice(chunk);
     }
 
-    /// The next complete event in the buffer, if any.
-    fn next_event(&mut self) -> Result<Option<SseEvent>, StreamError> {
+    /// The next complete event in the buffer, if any: a usable one, or a poisoned one.
+    fn next_event(&mut self) -> Option<Dispatched> {
         if !self.bom_checked {
             let available = &self.buf[self.pos..];
             if available.len() < BOM.len() && BOM.starts_with(available) {
-                return Ok(None);
+                return None;
             }
             if available.starts_with(BOM) {
                 self.pos += BOM.len();
@@ -517,7 +612,7 @@ impl Parser {
         loop {
             if self.skip_lf {
                 if self.pos == self.buf.len() {
-                    return Ok(None);
+                    return None;
                 }
                 if self.buf[self.pos] == b'\n' {
                     self.pos += 1;
@@ -525,14 +620,45 @@ impl Parser {
                 }
                 self.skip_lf = false;
             }
+            if let Some(discard) = self.discarding {
+                // The rest of an over-long line: count it, keep nothing.
+                let found = find_line_end(&self.buf[self.pos..]);
+                let end = found.map_or(self.buf.len(), |offset| self.pos + offset);
+                if matches!(discard, Discard::Field) {
+                    self.current.size = self.current.size.saturating_add(end - self.pos);
+                }
+                self.pos = end;
+                self.scanned = end;
+                // No end yet: wait for more of the line.
+                found?;
+                self.skip_lf = self.buf[end] == b'\r';
+                self.pos = end + 1;
+                self.scanned = self.pos;
+                self.discarding = None;
+                continue;
+            }
             let Some(offset) = find_line_end(&self.buf[self.scanned..]) else {
                 self.scanned = self.buf.len();
-                if self.scanned - self.pos > MAX_LINE_BYTES {
-                    return Err(StreamError::Protocol(format!(
-                        "a line longer than {MAX_LINE_BYTES} bytes"
-                    )));
+                let partial = &self.buf[self.pos..];
+                let comment = partial.first() == Some(&b':');
+                let room = if comment || self.current.oversized {
+                    self.current.max_bytes
+                } else {
+                    self.current.max_bytes.saturating_sub(self.current.size)
+                };
+                if partial.len() > room {
+                    // Bounded memory: what of this line the event may keep is kept now,
+                    // the rest is dropped as it arrives.
+                    self.discarding = Some(if comment {
+                        Discard::Comment
+                    } else {
+                        self.current.field(partial, false);
+                        Discard::Field
+                    });
+                    self.pos = self.buf.len();
+                    self.scanned = self.pos;
                 }
-                return Ok(None);
+                return None;
             };
             let end = self.scanned + offset;
             let start = self.pos;
@@ -540,53 +666,142 @@ impl Parser {
             self.pos = end + 1;
             self.scanned = self.pos;
             if end == start {
-                if let Some(event) = self.dispatch() {
-                    return Ok(Some(event));
+                if let Some(event) = self.current.dispatch() {
+                    return Some(event);
                 }
                 continue;
             }
-            let line = std::str::from_utf8(&self.buf[start..end])
-                .map_err(|e| StreamError::Protocol(format!("a line is not valid UTF-8: {e}")))?;
-            let (field, value) = match line.find(':') {
-                Some(0) => continue,
-                Some(colon) => {
-                    let value = &line[colon + 1..];
-                    (&line[..colon], value.strip_prefix(' ').unwrap_or(value))
-                }
-                None => (line, ""),
-            };
-            match field {
-                "data" => {
-                    if self.has_data {
-                        self.data.push('\n');
-                    }
-                    self.data.push_str(value);
-                    self.has_data = true;
-                }
-                "event" => self.event = Some(value.to_owned()),
-                "id" if !value.contains('\0') => {
-                    self.id = (!value.is_empty()).then(|| value.to_owned());
-                }
-                _ => {}
+            let line = &self.buf[start..end];
+            if line[0] != b':' {
+                self.current.field(line, true);
             }
+        }
+    }
+}
+
+impl Pending {
+    fn new(max_bytes: usize) -> Self {
+        Pending {
+            max_bytes,
+            id: None,
+            event: None,
+            data: Vec::new(),
+            has_data: false,
+            size: 0,
+            oversized: false,
+            poison: None,
+        }
+    }
+
+    fn poison(&mut self, reason: impl FnOnce() -> String) {
+        if self.poison.is_none() {
+            self.poison = Some(reason());
+        }
+    }
+
+    /// One field line (not a comment), or (`complete == false`) the start of one too long
+    /// to be held, whose rest is dropped.
+    fn field(&mut self, line: &[u8], complete: bool) {
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &[][..]),
+        };
+        self.size = self.size.saturating_add(line.len());
+        if !self.oversized && self.size > self.max_bytes {
+            self.oversized = true;
+            self.data.truncate(POISON_PREFIX_BYTES);
+        }
+        match field {
+            b"id" | b"event" if !complete => {
+                // Only `data` may be cut: a cut id or name would be a different one.
+                self.id = None;
+                self.poison(|| "its id or event name is over the limit".to_owned());
+            }
+            b"data" => {
+                if self.has_data {
+                    self.push_data(b"\n");
+                }
+                self.push_data(value);
+                self.has_data = true;
+            }
+            b"event" => {
+                self.event = Some(String::from_utf8_lossy(value).into_owned());
+                if std::str::from_utf8(value).is_err() {
+                    self.poison(|| "its event name is not valid UTF-8".to_owned());
+                }
+            }
+            b"id" if !value.contains(&0) => match std::str::from_utf8(value) {
+                Ok(id) => self.id = (!id.is_empty()).then(|| id.to_owned()),
+                Err(_) => {
+                    self.id = None;
+                    self.poison(|| "its id is not valid UTF-8".to_owned());
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// Appends to `data`; once over the limit, only up to the dead letter's prefix.
+    fn push_data(&mut self, bytes: &[u8]) {
+        if self.oversized {
+            let room = POISON_PREFIX_BYTES.saturating_sub(self.data.len());
+            self.data.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        } else {
+            self.data.extend_from_slice(bytes);
         }
     }
 
     /// A blank line: the event collected so far, unless it had no `data:` line (which the
-    /// standard says to drop).
-    fn dispatch(&mut self) -> Option<SseEvent> {
-        let id = self.id.take();
-        let event = self.event.take();
-        if !std::mem::take(&mut self.has_data) {
+    /// standard says to drop; a poisoned event without data has nothing to keep either).
+    fn dispatch(&mut self) -> Option<Dispatched> {
+        let done = std::mem::replace(self, Pending::new(self.max_bytes));
+        if !done.has_data {
             return None;
         }
-        Some(SseEvent {
-            id,
-            event: event
-                .filter(|e| !e.is_empty())
-                .unwrap_or_else(|| "message".to_owned()),
-            data: std::mem::take(&mut self.data),
-        })
+        let event = done
+            .event
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| "message".to_owned());
+        let mut reason = done.poison;
+        if done.oversized {
+            reason = Some(format!(
+                "{} bytes, over bridge.max_event_bytes ({}); the dead letter keeps the first {} \
+                 bytes of its data",
+                done.size,
+                done.max_bytes,
+                done.data.len()
+            ));
+        }
+        let data = match (reason, String::from_utf8(done.data)) {
+            (None, Ok(data)) => data,
+            (None, Err(e)) => {
+                let at = e.utf8_error().valid_up_to();
+                return Some(Err(PoisonEvent {
+                    id: done.id,
+                    event,
+                    size: done.size,
+                    reason: format!("its data is not valid UTF-8 (byte {at})"),
+                    data: e.into_bytes(),
+                }));
+            }
+            (Some(reason), data) => {
+                return Some(Err(PoisonEvent {
+                    id: done.id,
+                    event,
+                    size: done.size,
+                    reason,
+                    data: data.map_or_else(|e| e.into_bytes(), String::into_bytes),
+                }))
+            }
+        };
+        Some(Ok(SseEvent {
+            id: done.id,
+            event,
+            data,
+        }))
     }
 }
 

@@ -19,7 +19,9 @@ use crate::admin::Status;
 use crate::metrics::Metrics;
 use crate::opencti::connector_state::{self, ConnectorState, ReaderSide, StateRequest};
 use crate::opencti::stream::compare_event_ids as compare_ids;
-use crate::opencti::stream::{parse_connected, EventStream, SseEvent, StreamClient, StreamError};
+use crate::opencti::stream::{
+    parse_connected, EventStream, PoisonEvent, SseEvent, StreamClient, StreamError,
+};
 use crate::retry::Backoff;
 use crate::stix::{self, StreamAction};
 use crate::store::catalog::update_for_indicator;
@@ -32,6 +34,11 @@ const MAX_BATCH_EVENTS: usize = 512;
 const FULL_OUTBOX_POLL: Duration = Duration::from_millis(100);
 /// 401/403/410 will not fix themselves in a second: retry slowly, never in a tight loop.
 pub const DEFAULT_AUTH_RETRY: Duration = Duration::from_secs(60);
+/// Failed connections in a row at one position, failing the same way, before it is logged
+/// as an error: two can be chance (a restart, a proxy's idle cut), three is a pattern. The
+/// error is logged again each time the count doubles, so it is never silent and never a
+/// flood.
+const REPEATED_FAILURE_ALERT: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
@@ -65,7 +72,7 @@ struct Resume {
 /// Why a connection ended.
 enum Outcome {
     /// The stream ended or failed: reconnect after the backoff delay.
-    Failed(String),
+    Failed(StreamError),
     /// The stream timed out (no heartbeat): reconnect.
     Silent,
     /// A gap was found on a live stream: reconnect at once in recover mode.
@@ -86,8 +93,17 @@ pub(crate) const META_RECOVER_UNTIL: &str = crate::store::RECOVER_UNTIL_META;
 /// are what reconciliation checks once it has finished.
 pub(crate) const META_RECOVER_STARTED: &str = "stream_recover_started_ms";
 
+/// Consecutive failures at one position, the same way (see [`REPEATED_FAILURE_ALERT`]).
+struct Repeated {
+    position: String,
+    kind: &'static str,
+    count: u32,
+}
+
 pub struct StreamReader {
     recover_until: Option<String>,
+    /// The failures in a row at the current position; `None` once it moves.
+    repeated: Option<Repeated>,
     client: StreamClient,
     store: Arc<Store>,
     config: ReaderConfig,
@@ -129,6 +145,7 @@ impl StreamReader {
         });
         let mut reader = StreamReader {
             recover_until,
+            repeated: None,
             client,
             store,
             config,
@@ -218,10 +235,16 @@ impl StreamReader {
                 Ok(stream) => {
                     self.checkpoint.reset_connection();
                     let recovering = resume.recover.is_some();
-                    match self
+                    let before = self.checkpoint.position().map(str::to_owned);
+                    let outcome = self
                         .read(stream, recovering, &mut shutdown, &mut backoff)
-                        .await?
-                    {
+                        .await?;
+                    if self.checkpoint.position() != before.as_deref() {
+                        // The connection got somewhere: its end is a new failure, not one
+                        // more of the old ones.
+                        backoff.reset();
+                    }
+                    match outcome {
                         Outcome::Shutdown => return Ok(()),
                         Outcome::Recover => {
                             self.start_recovery(now_iso())?;
@@ -237,21 +260,36 @@ impl StreamReader {
                                 timeout_s = self.config.stream_timeout.as_secs(),
                                 "no heartbeat from OpenCTI: reconnecting"
                             );
+                            self.repeated_failure(
+                                "silence",
+                                "no heartbeat within connector.stream_timeout_s",
+                            );
                             backoff.next_delay()
                         }
-                        Outcome::Failed(reason) => {
-                            tracing::warn!(%reason, "stream interrupted: reconnecting");
+                        Outcome::Failed(error) => {
+                            tracing::warn!(reason = %error, "stream interrupted: reconnecting");
+                            self.repeated_failure(failure_kind(&error), &error.to_string());
                             backoff.next_delay()
                         }
                     }
                 }
-                Err(e) => self.connect_failed(&e, &mut backoff),
+                Err(e) => {
+                    self.repeated_failure(failure_kind(&e), &e.to_string());
+                    self.connect_failed(&e, &mut backoff)
+                }
             };
             self.metrics.stream_reconnects.inc();
-            self.status.set(
-                "stream",
-                format!("reconnecting in {:.1}s", delay.as_secs_f64()),
-            );
+            let status = match &self.repeated {
+                Some(r) if r.count >= REPEATED_FAILURE_ALERT => format!(
+                    "reconnecting in {:.1}s; failed {} times in a row at position {} ({})",
+                    delay.as_secs_f64(),
+                    r.count,
+                    r.position,
+                    r.kind
+                ),
+                _ => format!("reconnecting in {:.1}s", delay.as_secs_f64()),
+            };
+            self.status.set("stream", status);
             // A state request cuts the wait short.
             let request = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
@@ -439,6 +477,57 @@ impl StreamReader {
         Ok(())
     }
 
+    /// Counts a failed connection at the current position; the same position failing the
+    /// same way again and again is an error the operator must see, not a silent loop.
+    fn repeated_failure(&mut self, kind: &'static str, reason: &str) {
+        let position = self.checkpoint.position().map_or_else(
+            || first_start_id(&self.config.first_start_from),
+            str::to_owned,
+        );
+        let count = match &mut self.repeated {
+            Some(r) if r.position == position && r.kind == kind => {
+                r.count = r.count.saturating_add(1);
+                r.count
+            }
+            _ => {
+                self.repeated = Some(Repeated {
+                    position: position.clone(),
+                    kind,
+                    count: 1,
+                });
+                1
+            }
+        };
+        self.metrics.stream_repeated_failures.set(i64::from(count));
+        if count >= REPEATED_FAILURE_ALERT
+            && (count / REPEATED_FAILURE_ALERT).is_power_of_two()
+            && count % REPEATED_FAILURE_ALERT == 0
+        {
+            tracing::error!(
+                position,
+                count,
+                kind,
+                reason,
+                "the stream keeps failing at the same position the same way: {count} times in a row \
+                 at {position} ({kind})"
+            );
+        }
+    }
+
+    /// The position moved: whatever failed before is behind us.
+    fn progressed(&mut self) {
+        if let Some(r) = self.repeated.take() {
+            if r.count >= REPEATED_FAILURE_ALERT {
+                tracing::info!(
+                    position = ?self.checkpoint.position(),
+                    after = r.count,
+                    "the stream moves again past the position that kept failing"
+                );
+            }
+        }
+        self.metrics.stream_repeated_failures.set(0);
+    }
+
     fn connect_failed(&self, error: &StreamError, backoff: &mut Backoff) -> Duration {
         match error {
             StreamError::Unauthorized { .. } => {
@@ -496,17 +585,30 @@ impl StreamReader {
             };
             let event = match next {
                 Some(Ok(event)) => event,
+                Some(Err(StreamError::Poison(poison))) => {
+                    self.on_poison(*poison, &mut batch);
+                    if batch.events >= MAX_BATCH_EVENTS {
+                        self.commit(&mut batch)?;
+                        self.wait_for_room(shutdown).await;
+                    }
+                    continue;
+                }
                 Some(Err(e)) => {
                     self.commit(&mut batch)?;
-                    return Ok(Outcome::Failed(e.to_string()));
+                    return Ok(Outcome::Failed(e));
                 }
                 None => {
                     self.commit(&mut batch)?;
-                    return Ok(Outcome::Failed("the server ended the stream".into()));
+                    return Ok(Outcome::Failed(StreamError::Ended));
                 }
             };
             if event.event == "connected" {
-                backoff.reset();
+                // After failures at this very position, the next one waits its full delay:
+                // a stream that connects and then fails at the same event must not loop
+                // at the initial delay. Progress resets it (see `run`).
+                if self.repeated.is_none() {
+                    backoff.reset();
+                }
                 if let Some(outcome) = self.on_connected(&event, recovering) {
                     self.commit(&mut batch)?;
                     return Ok(outcome);
@@ -621,10 +723,50 @@ impl StreamReader {
     }
 
     fn park(&self, event: &SseEvent, reason: String, batch: &mut Batch) {
-        tracing::warn!(id = ?event.id, %reason, "stream event parked as a dead letter");
+        self.park_bytes(
+            event.id.as_deref(),
+            event.data.clone().into_bytes(),
+            reason,
+            batch,
+        );
+    }
+
+    fn park_bytes(&self, id: Option<&str>, data: Vec<u8>, reason: String, batch: &mut Batch) {
+        tracing::warn!(?id, %reason, "stream event parked as a dead letter");
         // An indicator dead letter like any other: counted where the exporter reads it.
         self.metrics.indicators.dead.inc();
-        batch.parked.push((event.data.clone().into_bytes(), reason));
+        batch.parked.push((data, reason));
+    }
+
+    /// SPEC §2.8: an event the parser could not use (invalid UTF-8, over
+    /// `bridge.max_event_bytes`) is parked with its bytes and the reason, and the position
+    /// moves past it like past any other event, so reconnecting never reads it again.
+    fn on_poison(&mut self, poison: PoisonEvent, batch: &mut Batch) {
+        batch.events += 1;
+        self.metrics.stream_events.inc();
+        let role = match poison.event.as_str() {
+            // Lossy text is often still JSON (a bad byte inside a string): then it can tell
+            // a dependency, which must not move the position past its event. An oversized
+            // event cannot (only its prefix is kept), and dependencies are small objects.
+            "create" | "update" | "delete" | "merge" => {
+                if stix::is_dependency_data(&String::from_utf8_lossy(&poison.data)) {
+                    EventRole::Dependency
+                } else {
+                    EventRole::Complete
+                }
+            }
+            _ => EventRole::Heartbeat,
+        };
+        let reason = format!(
+            "{} event {}: {}",
+            poison.event,
+            poison.id.as_deref().unwrap_or("without id"),
+            poison.reason
+        );
+        self.park_bytes(poison.id.as_deref(), poison.data, reason, batch);
+        if let Some(position) = self.checkpoint.observe(poison.id.as_deref(), role) {
+            batch.position = Some(position);
+        }
     }
 
     /// Writes the batch and its position in one atomic step.
@@ -649,6 +791,7 @@ impl StreamReader {
         // After the position write: sled recovers a prefix of writes, so the recover date
         // can never be gone while the position still points into the replay.
         if let Some(position) = position {
+            self.progressed();
             self.end_recovery_if_passed(&position)?;
             self.publish_state();
         }
@@ -693,6 +836,22 @@ async fn next_request(requests: &mut watch::Receiver<Option<StateRequest>>) -> S
         if let Some(request) = requests.borrow_and_update().clone() {
             return request;
         }
+    }
+}
+
+/// How a connection failed, coarsely: two failures are "the same way" when these match
+/// (messages differ in details such as ports and byte counts).
+fn failure_kind(error: &StreamError) -> &'static str {
+    match error {
+        StreamError::Setup { .. } => "setup",
+        StreamError::Unauthorized { .. } => "refused",
+        StreamError::Gone => "stopped",
+        StreamError::NotFound => "not found",
+        StreamError::HttpStatus { .. } => "http error",
+        StreamError::Transport { .. } => "transport",
+        StreamError::Protocol(_) => "protocol",
+        StreamError::Poison(_) => "poison",
+        StreamError::Ended => "ended",
     }
 }
 

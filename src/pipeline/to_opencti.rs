@@ -2,18 +2,26 @@
 //!
 //! Failures are sorted by whose fault they are (SPEC §2.8):
 //! - OpenCTI unreachable, 5xx, 429: an outage, not the sighting's fault. The whole drainer
-//!   pauses with exponential backoff and jitter; no attempt is charged to any item, so an
-//!   outage of days loses nothing and dead-letters nothing.
+//!   pauses; no attempt is charged to any item, so an outage of days loses nothing and
+//!   dead-letters nothing. While it lasts OpenCTI is *probed*: one request at a time, never
+//!   `concurrency`, each failed probe one step of the backoff (capped at
+//!   `bridge.probe_max_ms`). The requests that were in flight when the outage began fail
+//!   too, but they are the same news, not more of it: they do not move the backoff. So the
+//!   first probe after OpenCTI's return comes within the cap, after an outage of any
+//!   length, and the first answer opens the drainer to full concurrency again.
 //! - 401/403: the token. Pause slowly and say so loudly.
 //! - Missing reference / validation: this sighting. Retried a few times with backoff (the
 //!   indicator may still be on its way into OpenCTI), then dead-lettered with the message.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+// Tokio's clock, so that outages of hours can be proven on a paused clock.
+use tokio::time::Instant;
 
 use crate::admin::Status;
 use crate::metrics::Metrics;
@@ -27,11 +35,48 @@ pub const META_ORGANIZATION_ID: &str = "organization_id";
 /// How often an idle drainer looks at the outbox even without a wake-up.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
+/// What the drainer needs from OpenCTI: [`GraphqlClient`] in the daemon, an in-memory
+/// peer in the tests that prove outage recovery on a paused clock.
+pub trait SightingApi: Send + Sync + 'static {
+    /// Creates (or upserts by `stix_id`) one sighting relationship; its internal id.
+    fn create_sighting(
+        &self,
+        input: &SightingInput,
+    ) -> impl Future<Output = Result<String, GraphqlError>> + Send;
+
+    /// The internal id of the organization `name`, created when OpenCTI has none.
+    fn get_or_create_organization(
+        &self,
+        name: &str,
+        description: &str,
+    ) -> impl Future<Output = Result<String, GraphqlError>> + Send;
+}
+
+impl SightingApi for GraphqlClient {
+    fn create_sighting(
+        &self,
+        input: &SightingInput,
+    ) -> impl Future<Output = Result<String, GraphqlError>> + Send {
+        GraphqlClient::create_sighting(self, input)
+    }
+
+    fn get_or_create_organization(
+        &self,
+        name: &str,
+        description: &str,
+    ) -> impl Future<Output = Result<String, GraphqlError>> + Send {
+        GraphqlClient::get_or_create_organization(self, name, description)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ToOpenCtiConfig {
     pub concurrency: usize,
     pub max_attempts: u32,
+    /// Per sighting: the delays between the attempts of one OpenCTI refused.
     pub retry: RetryPolicy,
+    /// While OpenCTI is down: the delays between probes ([`RetryPolicy::probe`]).
+    pub probe: RetryPolicy,
     /// Pause after 401/403 ([`super::stream::DEFAULT_AUTH_RETRY`]).
     pub auth_retry: Duration,
     pub confidence: u8,
@@ -39,30 +84,34 @@ pub struct ToOpenCtiConfig {
     pub entity_description: String,
 }
 
-pub struct ToOpenCti {
+pub struct ToOpenCti<C: SightingApi = GraphqlClient> {
     store: Arc<Store>,
-    client: Arc<GraphqlClient>,
+    client: Arc<C>,
     config: ToOpenCtiConfig,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
+    /// Between probes while OpenCTI is down: driven by failed probes only.
     backoff: Backoff,
     /// No new requests before this instant (an outage or an auth failure).
     paused_until: Option<Instant>,
-    /// An outage is being waited out: log its end once.
+    /// An outage is being waited out since then: one probe at a time, and its end is
+    /// logged once.
     outage: Option<Instant>,
+    /// The outbox key of the probe in flight, if one is.
+    probe: Option<u64>,
 }
 
 type Outcome = (u64, Result<String, GraphqlError>);
 
-impl ToOpenCti {
+impl<C: SightingApi> ToOpenCti<C> {
     pub fn new(
         store: Arc<Store>,
-        client: Arc<GraphqlClient>,
+        client: Arc<C>,
         config: ToOpenCtiConfig,
         status: Arc<Status>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let backoff = Backoff::new(config.retry.clone());
+        let backoff = Backoff::new(config.probe.clone());
         ToOpenCti {
             store,
             client,
@@ -72,6 +121,7 @@ impl ToOpenCti {
             backoff,
             paused_until: None,
             outage: None,
+            probe: None,
         }
     }
 
@@ -96,10 +146,14 @@ impl ToOpenCti {
             if !self.paused() {
                 self.fill(&mut running, &mut claimed, &organization)?;
             }
-            let idle = running.len() < self.config.concurrency && !self.paused();
+            let idle = running.len() < self.room() && !self.paused();
+            // A pause that is over must not be the wake-up: a deadline in the past wakes at
+            // once, and the loop would spin while the probe is in flight.
+            let now = Instant::now();
             let wake = self
                 .paused_until
-                .unwrap_or_else(|| Instant::now() + IDLE_POLL);
+                .filter(|until| *until > now)
+                .unwrap_or(now + IDLE_POLL);
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => {
                     // Requests in flight stay queued: re-sent at the next start, upserted by stix_id.
@@ -116,7 +170,7 @@ impl ToOpenCti {
                     }
                 }
                 _ = self.store.notified(Queue::Sightings), if idle => {}
-                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
     }
@@ -125,14 +179,29 @@ impl ToOpenCti {
         self.paused_until.is_some_and(|t| Instant::now() < t)
     }
 
-    /// Starts requests for ready sightings until `concurrency` are running.
+    /// Requests that may run at once: `concurrency`, but one (the probe) during an outage.
+    fn room(&self) -> usize {
+        if self.outage.is_some() {
+            1
+        } else {
+            self.config.concurrency
+        }
+    }
+
+    /// Starts requests for ready sightings until `concurrency` are running; during an
+    /// outage, one probe once the previous one has settled and its delay has passed (the
+    /// requests still in flight from before the outage do not count: they are not probes).
     fn fill(
-        &self,
+        &mut self,
         running: &mut JoinSet<Outcome>,
         claimed: &mut HashMap<u64, (u32, u64)>,
         organization: &str,
     ) -> Result<(), StoreError> {
-        let room = self.config.concurrency.saturating_sub(running.len());
+        let room = if self.outage.is_some() {
+            usize::from(self.probe.is_none())
+        } else {
+            self.config.concurrency.saturating_sub(running.len())
+        };
         if room == 0 {
             return Ok(());
         }
@@ -152,6 +221,9 @@ impl ToOpenCti {
             );
             let client = Arc::clone(&self.client);
             let key = item.key;
+            if self.outage.is_some() {
+                self.probe = Some(key);
+            }
             running.spawn(async move { (key, client.create_sighting(&input).await) });
         }
         Ok(())
@@ -192,6 +264,13 @@ impl ToOpenCti {
         result: Result<String, GraphqlError>,
         organization: &str,
     ) -> Result<bool, StoreError> {
+        // Whether this answer is news about OpenCTI: the probe's, or any while it was up.
+        // A request sent before the outage began failing now tells nothing new.
+        let probe = self.probe == Some(key);
+        if probe {
+            self.probe = None;
+        }
+        let news = probe || self.outage.is_none();
         let error = match result {
             Ok(_) => {
                 if self.store.ack(Queue::Sightings, key)? {
@@ -208,19 +287,27 @@ impl ToOpenCti {
                 "to_opencti",
                 format!("paused: authentication failed ({error})"),
             );
-            self.paused_until = Some(Instant::now() + self.config.auth_retry);
+            if news {
+                self.paused_until = Some(Instant::now() + self.config.auth_retry);
+            }
             self.outage.get_or_insert_with(Instant::now);
             return Ok(false);
         }
         if !error.is_permanent() {
+            if !news {
+                return Ok(false);
+            }
             let delay = self.backoff.next_delay();
             if self.outage.is_none() {
-                tracing::warn!(error = %error, waiting = self.store.len(Queue::Sightings), "OpenCTI unreachable: sightings wait in the outbox");
+                tracing::warn!(error = %error, waiting = self.store.len(Queue::Sightings), "OpenCTI unreachable: sightings wait in the outbox; probing it with one request at a time");
                 self.outage = Some(Instant::now());
             }
             self.status.set(
                 "to_opencti",
-                format!("paused: {error}; retrying in {:.1}s", delay.as_secs_f64()),
+                format!(
+                    "paused: {error}; probing again in {:.1}s",
+                    delay.as_secs_f64()
+                ),
             );
             self.paused_until = Some(Instant::now() + delay);
             return Ok(false);
@@ -258,6 +345,7 @@ impl ToOpenCti {
     fn recovered(&mut self) {
         self.backoff.reset();
         self.paused_until = None;
+        self.probe = None;
         if let Some(since) = self.outage.take() {
             tracing::info!(
                 after_s = since.elapsed().as_secs(),
@@ -277,7 +365,8 @@ impl ToOpenCti {
         if let Some(id) = self.store.meta(META_ORGANIZATION_ID)? {
             return Ok(Some(id));
         }
-        let mut backoff = Backoff::new(self.config.retry.clone());
+        // One request at a time already: each failure is one probe of OpenCTI.
+        let mut backoff = Backoff::new(self.config.probe.clone());
         loop {
             match self
                 .client

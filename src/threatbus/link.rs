@@ -29,7 +29,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use backoff::backoff::Backoff;
 use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
 use super::io::{self, DataSockets, IoCommand, IoEvent, IoSender};
@@ -334,19 +333,20 @@ impl Supervisor {
             self.unsubscribe_pending();
         }
         let mut snapshot_days = self.config.snapshot_days;
-        let mut backoff = backoff::ExponentialBackoffBuilder::new()
-            .with_initial_interval(self.config.retry_initial)
-            .with_max_interval(self.config.retry_max)
-            .with_multiplier(2.0)
-            .with_max_elapsed_time(None)
-            .build();
+        // The project's backoff: its jitter never takes a delay past `retry_max`, which
+        // bounds how long a returned Threat Bus goes unnoticed.
+        let mut backoff = crate::retry::Backoff::new(crate::retry::RetryPolicy {
+            initial: self.config.retry_initial,
+            max: self.config.retry_max,
+            multiplier: 2.0,
+        });
         loop {
             let subscription = match self.manage.subscribe(&self.config.topics, snapshot_days) {
                 Ok(s) => s,
                 Err(ManageError::Cancelled { .. }) => break,
                 Err(e) => {
                     self.set_down(format!("subscribing to Threat Bus failed: {e}"));
-                    let wait = backoff.next_backoff().unwrap_or(self.config.retry_max);
+                    let wait = backoff.next_delay();
                     tracing::debug!(?wait, "retrying the subscription");
                     if self.sleep(wait) {
                         break;
@@ -372,7 +372,7 @@ impl Supervisor {
                 Err(e) => {
                     self.set_down(format!("opening the Threat Bus data sockets failed: {e}"));
                     self.forget_topic(true);
-                    if self.sleep(backoff.next_backoff().unwrap_or(self.config.retry_max)) {
+                    if self.sleep(backoff.next_delay()) {
                         break;
                     }
                     continue;

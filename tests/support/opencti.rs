@@ -697,6 +697,32 @@ impl OpenCti {
         )
     }
 
+    /// Appends an event whose `data:` line is `data` byte for byte — invalid UTF-8, or
+    /// megabytes, as a broken or hostile server could send (one `data:` line per line of
+    /// `data`). Returns its id.
+    pub fn append_raw_bytes(&self, event: &str, data: &[u8]) -> String {
+        let mut state = self.shared.lock();
+        let id = state.next_id();
+        let mut bytes = format!("id: {id}\nevent: {event}\n").into_bytes();
+        for line in data.split(|&b| b == b'\n') {
+            bytes.extend_from_slice(b"data: ");
+            bytes.extend_from_slice(line);
+            bytes.push(b'\n');
+        }
+        bytes.push(b'\n');
+        let frame = Frame {
+            kind: Kind::Raw,
+            bytes: Bytes::from(bytes),
+        };
+        self.push(
+            state,
+            Entry {
+                id,
+                frames: vec![frame],
+            },
+        )
+    }
+
     fn push(&self, mut state: MutexGuard<'_, State>, entry: Entry) -> String {
         let id = entry.id.to_string();
         state.log.push_back(entry);

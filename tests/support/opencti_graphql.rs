@@ -186,6 +186,10 @@ struct State {
     indicator_patches: Vec<(String, Value)>,
     /// Creates and patches per STIX id (each of the indicator's ids at write time).
     indicator_writes: HashMap<String, usize>,
+    /// Sighting requests being answered right now, and the most at once since the last
+    /// reset (pings and registrations aside: they are not the drainer's).
+    in_flight: usize,
+    max_in_flight: usize,
 }
 
 struct Inner {
@@ -468,6 +472,19 @@ impl GraphqlDouble {
             .extend(std::iter::repeat_n(status, n));
     }
 
+    /// The most sighting requests answered at once since the last [`reset_max_in_flight`]
+    /// (the latency is part of answering: set one to see concurrency).
+    ///
+    /// [`reset_max_in_flight`]: GraphqlDouble::reset_max_in_flight
+    pub fn max_in_flight(&self) -> usize {
+        self.state().max_in_flight
+    }
+
+    pub fn reset_max_in_flight(&self) {
+        let mut state = self.state();
+        state.max_in_flight = state.in_flight;
+    }
+
     /// Wait this long before answering each request.
     pub fn set_latency(&self, latency: Duration) {
         self.state().latency = latency;
@@ -665,7 +682,19 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let latency = double.state().latency;
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let sighting = request
+        .get("query")
+        .and_then(Value::as_str)
+        .is_some_and(|q| q.contains("stixSightingRelationshipAdd"));
+    let latency = {
+        let mut state = double.state();
+        if sighting {
+            state.in_flight += 1;
+            state.max_in_flight = state.max_in_flight.max(state.in_flight);
+        }
+        state.latency
+    };
     if !latency.is_zero() {
         sleep_precisely(latency).await;
     }
@@ -673,9 +702,11 @@ async fn handle(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v == format!("Bearer {}", double.inner.token));
-    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let (status, answer) = double.answer(authorized, &request);
     let mut state = double.state();
+    if sighting {
+        state.in_flight -= 1;
+    }
     state.requests.push(RecordedRequest {
         authorized,
         query: request

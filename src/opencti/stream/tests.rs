@@ -227,11 +227,134 @@ fn a_partial_event_at_the_end_is_dropped() {
     }
 }
 
+/// Feeds `bytes` in chunks of `chunk` bytes with an event limit of `max` and collects
+/// every item, asserting that the stream ended cleanly.
+fn decode_limited(bytes: &[u8], chunk: usize, max: usize) -> Vec<Result<SseEvent, StreamError>> {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        bytes.chunks(chunk.max(1)).map(|c| Ok(c.to_vec())).collect();
+    let events = EventStream::with_max_event_bytes(stream::iter(chunks), max);
+    let mut items = block_on(events.collect::<Vec<_>>());
+    assert_eq!(items.pop(), Some(Err(StreamError::Ended)));
+    items
+}
+
+fn poison(item: &Result<SseEvent, StreamError>) -> &PoisonEvent {
+    match item {
+        Err(StreamError::Poison(p)) => p,
+        other => panic!("expected a poisoned event, got {other:?}"),
+    }
+}
+
 #[test]
-fn invalid_utf8_is_a_protocol_error_and_the_stream_stops() {
-    let mut items = decode(b"data: ok\n\ndata: \xff\xfe\n\ndata: never\n\n", 4);
+fn invalid_utf8_poisons_one_event_and_the_stream_goes_on() {
+    let text = b"id: 1-0\nevent: create\ndata: ok\n\n\
+                 id: 2-0\nevent: create\ndata: {\"name\":\"\xff\xfe\"}\n\n\
+                 id: 3-0\nevent: update\ndata: after\n\n";
+    for chunk in [1, 2, 3, 7, 64, text.len()] {
+        let items = decode_limited(text, chunk, DEFAULT_MAX_EVENT_BYTES);
+        assert_eq!(items.len(), 3, "chunks of {chunk}");
+        assert_eq!(items[0].as_ref().map(|e| e.data.as_str()), Ok("ok"));
+        let bad = poison(&items[1]);
+        assert_eq!(bad.id.as_deref(), Some("2-0"));
+        assert_eq!(bad.event, "create");
+        assert_eq!(bad.data, b"{\"name\":\"\xff\xfe\"}");
+        assert!(bad.reason.contains("not valid UTF-8"), "{}", bad.reason);
+        assert!(bad.reason.contains("byte 9"), "{}", bad.reason);
+        let after = items[2].as_ref().expect("the event after the poison");
+        assert_eq!(
+            (after.id.as_deref(), after.data.as_str()),
+            (Some("3-0"), "after")
+        );
+    }
+}
+
+#[test]
+fn an_invalid_id_or_name_poisons_the_event_without_an_id() {
+    let text = b"id: 1-\xff\nevent: create\ndata: {}\n\nid: 2-0\nevent: cr\xffate\ndata: {}\n\n";
+    let items = decode_limited(text, 3, DEFAULT_MAX_EVENT_BYTES);
     assert_eq!(items.len(), 2);
-    assert!(matches!(items.pop(), Some(Err(StreamError::Protocol(_)))));
+    assert_eq!(poison(&items[0]).id, None);
+    assert!(poison(&items[0]).reason.contains("id"));
+    assert_eq!(poison(&items[1]).id.as_deref(), Some("2-0"));
+    assert_eq!(poison(&items[1]).event, "cr\u{fffd}ate");
+}
+
+#[test]
+fn an_event_over_the_limit_is_poisoned_with_a_prefix_and_the_next_one_is_read() {
+    let max = POISON_PREFIX_BYTES * 2;
+    let big = "x".repeat(POISON_PREFIX_BYTES * 5);
+    let split = format!("a{}", "y".repeat(POISON_PREFIX_BYTES * 6 / 5));
+    // One huge line; an event whose lines only add up to too much; a small one after each.
+    let text = format!(
+        "id: 1-0\nevent: create\ndata: {big}\n\nid: 2-0\nevent: ok\ndata: small\n\n\
+         id: 3-0\nevent: update\ndata: {split}\ndata: {split}\n\nid: 4-0\nevent: ok\ndata: end\n\n"
+    );
+    for chunk in [1, 7, 999, 65536, text.len()] {
+        let items = decode_limited(text.as_bytes(), chunk, max);
+        assert_eq!(items.len(), 4, "chunks of {chunk}");
+        let first = poison(&items[0]);
+        assert_eq!(
+            (first.id.as_deref(), first.event.as_str()),
+            (Some("1-0"), "create")
+        );
+        assert_eq!(first.data.len(), POISON_PREFIX_BYTES, "a bounded prefix");
+        assert!(first.data.iter().all(|&b| b == b'x'));
+        assert_eq!(first.size, "id: 1-0event: createdata: ".len() + big.len());
+        assert!(
+            first
+                .reason
+                .contains(&format!("over bridge.max_event_bytes ({max})")),
+            "{}",
+            first.reason
+        );
+        assert_eq!(items[1].as_ref().map(|e| e.data.as_str()), Ok("small"));
+        let third = poison(&items[2]);
+        assert_eq!(third.id.as_deref(), Some("3-0"));
+        assert_eq!(third.data.len(), POISON_PREFIX_BYTES);
+        assert!(
+            split.as_bytes().starts_with(&third.data),
+            "its data so far is kept"
+        );
+        assert_eq!(items[3].as_ref().map(|e| e.data.as_str()), Ok("end"));
+    }
+}
+
+#[test]
+fn memory_stays_bounded_while_an_oversized_line_streams_in() {
+    let max = 4096;
+    let mut parser = Parser::new(max);
+    parser.push(b"id: 7-0\nevent: create\ndata: ");
+    let chunk = vec![b'z'; 1000];
+    for _ in 0..10_000 {
+        parser.push(&chunk);
+        assert!(parser.next_event().is_none());
+        assert!(
+            parser.buf.len() <= max + chunk.len() + 64,
+            "{}",
+            parser.buf.len()
+        );
+        assert!(parser.current.data.len() <= POISON_PREFIX_BYTES);
+    }
+    parser.push(b"\n\n");
+    let event = parser
+        .next_event()
+        .expect("dispatched")
+        .expect_err("poisoned");
+    assert_eq!(event.id.as_deref(), Some("7-0"));
+    assert_eq!(
+        event.size,
+        "id: 7-0event: createdata: ".len() + 10_000 * 1000
+    );
+}
+
+#[test]
+fn a_huge_comment_is_skipped_not_poison() {
+    let text = format!(": {}\nid: 1-0\ndata: fine\n\n", "c".repeat(5000));
+    for chunk in [3, 1000, text.len()] {
+        let items = decode_limited(text.as_bytes(), chunk, 100);
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].as_ref().map(|e| e.data.as_str()), Ok("fine"));
+    }
 }
 
 #[test]
