@@ -184,7 +184,7 @@ proptest! {
     #[test]
     fn config_reads_or_fails_typed(
         token in token(),
-        edits in prop::collection::vec(edit(), 0..6),
+        edits in prop::collection::vec(edit(), 0..4),
         layout in layout(),
         damage in json::text_damage(),
         env in prop::collection::vec((any::<Index>(), env_value()), 0..4),
