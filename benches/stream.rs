@@ -188,6 +188,8 @@ async fn reader(config: &StreamConfig, start_id: &str, last: &str) -> f64 {
                 multiplier: 2.0,
             },
             auth_retry: Duration::from_secs(1),
+            // The daemon's default (bridge.flush_interval_ms).
+            linger: Duration::from_millis(10),
         },
         Arc::new(Status::default()),
         Arc::new(Metrics::default()),

@@ -389,6 +389,7 @@ fn reader_config(config: &Config) -> ReaderConfig {
         // One connection at a time: every failed connection is a probe of OpenCTI.
         retry: RetryPolicy::probe(&config.bridge),
         auth_retry: DEFAULT_AUTH_RETRY,
+        linger: config.bridge.flush_interval,
     }
 }
 

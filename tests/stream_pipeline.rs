@@ -42,6 +42,8 @@ fn reader_config(limit: u64) -> ReaderConfig {
             multiplier: 2.0,
         },
         auth_retry: Duration::from_millis(400),
+        // As the daemon: bridge.flush_interval_ms.
+        linger: Duration::from_millis(10),
     }
 }
 
