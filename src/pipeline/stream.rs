@@ -58,6 +58,11 @@ pub struct ReaderConfig {
     /// daemon uses `bridge.flush_interval_ms`: the same bound on how long a write waits to
     /// become durable); zero commits before every wait.
     pub linger: Duration,
+    /// Record each forwarded indicator in the catalog. Always true in the daemon (snapshot
+    /// answers, reconciliation and import's echo check need it); false only where a
+    /// benchmark measures what the catalog costs.
+    #[doc(hidden)]
+    pub record_catalog: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -743,8 +748,10 @@ impl StreamReader {
                 for object in objects {
                     let body = serde_json::to_vec(&object).unwrap_or_default();
                     // Always keyable: `stix` validated id and `modified` before publishing.
-                    if let Some(update) = update_for_indicator(&object, body.clone()) {
-                        batch.catalog.push(update);
+                    if self.config.record_catalog {
+                        if let Some(update) = update_for_indicator(&object, body.clone()) {
+                            batch.catalog.push(update);
+                        }
                     }
                     batch.items.push(body);
                 }
