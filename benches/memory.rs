@@ -11,6 +11,9 @@
 //!   at the stored position; the time until `health` answers, then VmRSS once it settled
 //!   ([`SETTLE`]) and VmHWM (the peak), from `/proc/<pid>/status`.
 //!
+//! Before each size, the writing process's own peak RSS: the store's share of the memory
+//! while ingesting (the stream reader's own buffers are not in it).
+//!
 //! Environment: `MEMORY_BENCH_N` (comma-separated counts), `MEMORY_BENCH_CACHE_MB`
 //! (comma-separated; `default` = no `BRIDGE_CACHE_MB`), `MEMORY_BENCH_DIR` (where the
 //! stores go; 1M items take ~3.5 GB). Figures, not assertions: the machine is shared.
@@ -80,6 +83,9 @@ fn main() {
         let started = Instant::now();
         write(&data, n, &seed);
         let write_s = started.elapsed().as_secs_f64();
+        // The store's share of ingest memory (no stream reader): this process's peak so far.
+        let writer_peak = status_mb(std::process::id(), "VmHWM:");
+        println!("{n:>9} written through the library (default cache): this process's peak RSS {writer_peak:.1} MB");
         let disk = dir_bytes(&data.join("store")) as f64 / n as f64;
         if std::env::var_os("MEMORY_BENCH_KEEP").is_some() {
             // For a profiler run by hand on the same store.
