@@ -148,6 +148,9 @@ pub struct BridgeConfig {
     /// The longest wait between two probes of a peer that is down (OpenCTI, Threat Bus): it
     /// bounds how long the bridge takes to notice that the peer is back.
     pub probe_max: Duration,
+    /// sled's page cache in MiB (`bridge.cache_mb`): most of the daemon's resident memory
+    /// with a large backlog.
+    pub cache_mb: u64,
 }
 
 /// Default of `bridge.probe_max_ms`. While a peer is down the bridge sends it one probe at
@@ -176,6 +179,7 @@ impl BridgeConfig {
             on_damaged_store: OnDamagedStore::Rebuild,
             max_event_bytes: crate::opencti::stream::DEFAULT_MAX_EVENT_BYTES,
             probe_max: DEFAULT_PROBE_MAX,
+            cache_mb: crate::store::DEFAULT_CACHE_MB,
         }
     }
 }

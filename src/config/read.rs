@@ -192,6 +192,10 @@ pub const DEFAULT_SNAPSHOT_RATE: u32 = 400;
 /// limit no longer bounds the memory of a small container.
 const MAX_EVENT_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=(1 << 30);
 
+/// `bridge.cache_mb`: sled needs some cache to work at all; above 1 TiB the value is a
+/// typo, and the bound keeps the conversion to bytes from overflowing.
+const CACHE_MB_RANGE: std::ops::RangeInclusive<u64> = 1..=(1 << 20);
+
 /// `bridge.data_dir` alone, for commands that must run without the rest of the config.
 pub(super) fn data_dir(src: &Sources) -> Result<PathBuf, ConfigError> {
     let dir = src.optional_text(keys::BRIDGE_DATA_DIR)?;
@@ -259,6 +263,7 @@ impl BridgeConfig {
                 MAX_EVENT_BYTES_RANGE,
             )?,
             probe_max: millis(src, keys::BRIDGE_PROBE_MAX_MS, d.probe_max)?,
+            cache_mb: src.integer(keys::BRIDGE_CACHE_MB, Some(d.cache_mb), CACHE_MB_RANGE)?,
             data_dir: d.data_dir,
         })
     }

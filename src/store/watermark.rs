@@ -45,6 +45,12 @@ impl Resume {
     }
 }
 
+/// Commits remembered at most: past it, neighbours are merged ([`Watermarks::coarsen`]).
+/// An entry is ~90 bytes (key, `Resume`, the position's heap text); without a bound, a
+/// Threat Bus outage with one event per commit would keep one per queued indicator (1M
+/// entries ≈ 90 MB, each walked by `low` every second). 4096 entries: ~370 KB.
+const MAX_COMMITS: usize = 4096;
+
 /// The per-commit resume points of the indicator queue (in key order).
 #[derive(Debug, Default)]
 pub(crate) struct Watermarks {
@@ -52,6 +58,9 @@ pub(crate) struct Watermarks {
     commits: VecDeque<(u64, Resume)>,
     /// The resume point after the last commit.
     current: Resume,
+    /// Keys a commit spans at least before the next one is remembered apart (0 until the
+    /// list was first coarsened).
+    stride: u64,
 }
 
 impl Watermarks {
@@ -62,7 +71,11 @@ impl Watermarks {
         if let Some(head) = head {
             commits.push_back((head, carried));
         }
-        Watermarks { commits, current }
+        Watermarks {
+            commits,
+            current,
+            stride: 0,
+        }
     }
 
     /// A commit added `items` indicators from key `first` on, and moved the position to
@@ -78,7 +91,7 @@ impl Watermarks {
             // The resume point before the batch, with the replay the batch was read in.
             let mut before = self.current.clone();
             before.recover_until = before.recover_until.or(recover_until.clone());
-            self.commits.push_back((first, before));
+            self.push(first, before);
         }
         if let Some(position) = position {
             self.current.position = Some(position.to_string());
@@ -89,7 +102,42 @@ impl Watermarks {
     /// Items added with no stream position of their own (dead letters requeued): until
     /// they are delivered, only a full replay is sure to read them again.
     pub(crate) fn on_unpositioned(&mut self, key: u64) {
-        self.commits.push_back((key, Resume::default()));
+        self.push(key, Resume::default());
+    }
+
+    fn push(&mut self, first: u64, before: Resume) {
+        if let Some((last, resume)) = self.commits.back_mut() {
+            if first.saturating_sub(*last) < self.stride {
+                // Joins the last commit: its first key, the older of the two resume points.
+                *resume = std::mem::take(resume).older(before);
+                return;
+            }
+        }
+        self.commits.push_back((first, before));
+        if self.commits.len() > MAX_COMMITS {
+            self.coarsen();
+        }
+    }
+
+    /// Halves the list: each pair of neighbours becomes one commit with the first key and
+    /// the older resume point, still at or before every item either covered. Only coarser:
+    /// a merged commit is settled once the head passes both, so a replay after a damage may
+    /// read up to one merged span more again. From then on a commit starting within the
+    /// average span of the last one joins it, so old and new entries stay equally fine and
+    /// the cost stays amortized O(1).
+    fn coarsen(&mut self) {
+        let mut pairs = std::mem::take(&mut self.commits).into_iter();
+        while let Some((first, resume)) = pairs.next() {
+            let resume = match pairs.next() {
+                Some((_, next)) => resume.older(next),
+                None => resume,
+            };
+            self.commits.push_back((first, resume));
+        }
+        if let (Some(front), Some(back)) = (self.commits.front(), self.commits.back()) {
+            let span = (back.0 - front.0) / self.commits.len() as u64;
+            self.stride = self.stride.max(span);
+        }
     }
 
     /// The watermark, given the oldest indicator still queued (`None`: the queue is empty).
@@ -152,6 +200,31 @@ mod tests {
         w.on_unpositioned(1);
         assert_eq!(w.low(Some(1)).position, None);
         assert_eq!(w.low(None), at("60-0"));
+    }
+
+    #[test]
+    fn many_small_commits_are_merged_never_skipped() {
+        // Key k is read after position (k + 1): one indicator per commit, nothing delivered.
+        let mut w = Watermarks::new(at("1-0"), None, Resume::default());
+        let n = 100_000u64;
+        for k in 0..n {
+            w.on_commit(k, 1, Some(&format!("{}-0", k + 2)), None);
+        }
+        assert!(
+            w.commits.len() <= MAX_COMMITS,
+            "{} entries",
+            w.commits.len()
+        );
+        for head in [0, 1, 4_095, 50_000, n - 1] {
+            let low = w.low(Some(head)).position.expect("a position");
+            let ms: u64 = low.split_once('-').expect("an id").0.parse().expect("ms");
+            // At or before the head's own resume point (safe), and not far before (useful).
+            assert!(ms <= head + 1, "head {head}: {low}");
+            assert!(
+                ms + 8 * n / MAX_COMMITS as u64 >= head,
+                "head {head}: {low}"
+            );
+        }
     }
 
     #[test]
