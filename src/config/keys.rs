@@ -75,6 +75,7 @@ keys! {
     BRIDGE_ON_DAMAGED_STORE => "bridge"."on_damaged_store",
     BRIDGE_MAX_EVENT_BYTES => "bridge"."max_event_bytes",
     BRIDGE_PROBE_MAX_MS => "bridge"."probe_max_ms",
+    BRIDGE_MIN_FREE_MB => "bridge"."min_free_mb",
 }
 
 /// The sections of the file, in the order the example documents them.
