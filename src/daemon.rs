@@ -28,6 +28,8 @@ use crate::store::disk_space::{DiskSpace, Room};
 use crate::store::{Queue, Store, StoreError, StoreOptions};
 use crate::threatbus::{Link, LinkConfig, LinkState};
 
+mod disk_wait;
+
 pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -59,7 +61,10 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let data_dir = config.bridge.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    let (store, damage) = open_store(&config).await?;
+    let Some((store, damage)) = disk_wait::open_store_when_room(&config, &mut signals).await?
+    else {
+        return Ok(());
+    };
     let status = Arc::new(Status::default());
     let metrics = Arc::new(Metrics::default());
     match &damage {
@@ -311,7 +316,9 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     // Never alive and idle: a store that cannot finish its last flush (a full disk) must
     // not keep the process, and sled's lock, around. What was not flushed is read again.
     let closed = match tokio::time::timeout(STORE_CLOSE_TIMEOUT, closing).await {
-        Ok(joined) => joined.context("closing the store")?.map_err(anyhow::Error::from),
+        Ok(joined) => joined
+            .context("closing the store")?
+            .map_err(anyhow::Error::from),
         Err(_) => Err(anyhow::anyhow!(
             "closing the store did not finish within {}s",
             STORE_CLOSE_TIMEOUT.as_secs()
@@ -349,7 +356,9 @@ async fn watch_disk(
         let reading = disk.free();
         let room = disk.room();
         if let Some(free) = reading {
-            metrics.disk_free_bytes.set(i64::try_from(free).unwrap_or(i64::MAX));
+            metrics
+                .disk_free_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
             status.set(
                 "disk",
                 format!(

@@ -162,12 +162,16 @@ impl World {
 
     /// The bridge's data dir is the tmpfs itself: its log (beside it) is not on it.
     fn env(&self, min_free_mb: u64) -> BridgeEnv {
-        BridgeEnv::new(&self.opencti.base_url(), self.bus.manage_port, &self.fs.path)
-            .set("BRIDGE_MIN_FREE_MB", min_free_mb.to_string())
-            // (16 MB: the reader pauses below it, sightings are dropped below 4 MB.)
-            .set("CONNECTOR_LOG_LEVEL", "info")
-            .set("BRIDGE_PROBE_MAX_MS", "1000")
-            .set("BRIDGE_INFLIGHT_WINDOW", "500")
+        BridgeEnv::new(
+            &self.opencti.base_url(),
+            self.bus.manage_port,
+            &self.fs.path,
+        )
+        .set("BRIDGE_MIN_FREE_MB", min_free_mb.to_string())
+        // (16 MB: the reader pauses below it, sightings are dropped below 4 MB.)
+        .set("CONNECTOR_LOG_LEVEL", "info")
+        .set("BRIDGE_PROBE_MAX_MS", "1000")
+        .set("BRIDGE_INFLIGHT_WINDOW", "500")
     }
 
     /// Threat Bus comes: an app subscribes before the bridge's next probe finds it.
@@ -203,9 +207,12 @@ fn pauses_before_the_disk_fills_and_resumes_by_itself() {
     let mut world = World::new();
     let mut bridge = Bridge::start(world.env(16));
     let data = world.fs.path.clone();
-    wait_until(&mut bridge, "the reader pauses for disk space", WAIT, || {
-        stream_state(&data).starts_with("paused: disk nearly full")
-    });
+    wait_until(
+        &mut bridge,
+        "the reader pauses for disk space",
+        WAIT,
+        || stream_state(&data).starts_with("paused: disk nearly full"),
+    );
     let queued_at_pause = bridge.queued("indicators");
     println!(
         "paused with {queued_at_pause} indicators queued, {} MB free",
@@ -214,11 +221,27 @@ fn pauses_before_the_disk_fills_and_resumes_by_itself() {
     assert!(queued_at_pause > 0 && queued_at_pause < INDICATORS as u64);
     // It stays paused and alive: nothing more is read while Threat Bus is away.
     std::thread::sleep(Duration::from_secs(3));
-    assert!(bridge.running(), "the bridge exited:\n{}", bridge.log_tail(60));
+    assert!(
+        bridge.running(),
+        "the bridge exited:\n{}",
+        bridge.log_tail(60)
+    );
     let (healthy, h) = health(&data).expect("health answers while paused");
-    assert!(healthy, "a paused bridge is healthy (it waits by design): {h}");
-    assert!(h["components"]["disk"].as_str().unwrap().contains("MB free"), "{h}");
-    assert!(stream_state(&data).starts_with("paused: disk nearly full"), "{h}");
+    assert!(
+        healthy,
+        "a paused bridge is healthy (it waits by design): {h}"
+    );
+    assert!(
+        h["components"]["disk"]
+            .as_str()
+            .unwrap()
+            .contains("MB free"),
+        "{h}"
+    );
+    assert!(
+        stream_state(&data).starts_with("paused: disk nearly full"),
+        "{h}"
+    );
     let report = bridge.inspect();
     assert!(
         report.to_string().contains("disk nearly full"),
@@ -229,14 +252,20 @@ fn pauses_before_the_disk_fills_and_resumes_by_itself() {
     // Threat Bus comes: delivered items free space inside sled's file, and the reader
     // reads on although the filesystem's free space does not grow.
     let app = world.bus_comes();
-    wait_until(&mut bridge, "reading resumed on a still small disk", WAIT, || {
-        world.delivered(&app).len() as u64 > queued_at_pause + 1_000
-    });
+    wait_until(
+        &mut bridge,
+        "reading resumed on a still small disk",
+        WAIT,
+        || world.delivered(&app).len() as u64 > queued_at_pause + 1_000,
+    );
     // The filesystem grows: the rest goes through without a pause.
     world.fs.resize("800m");
-    wait_until(&mut bridge, "every indicator delivered", Duration::from_secs(300), || {
-        world.delivered(&app).is_superset(&world.expected)
-    });
+    wait_until(
+        &mut bridge,
+        "every indicator delivered",
+        Duration::from_secs(300),
+        || world.delivered(&app).is_superset(&world.expected),
+    );
     assert!(!bridge.log_text().contains("No space left on device"));
     assert_eq!(bridge.terminate(Duration::from_secs(10)), Some(0));
 }
@@ -245,7 +274,11 @@ fn pauses_before_the_disk_fills_and_resumes_by_itself() {
 fn wait_until(bridge: &mut Bridge, what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
-        assert!(bridge.running(), "the bridge exited while waiting for {what}:\n{}", bridge.log_tail(80));
+        assert!(
+            bridge.running(),
+            "the bridge exited while waiting for {what}:\n{}",
+            bridge.log_tail(80)
+        );
         assert!(
             Instant::now() < deadline,
             "timed out waiting for {what}; bridge log:\n{}",
@@ -255,10 +288,11 @@ fn wait_until(bridge: &mut Bridge, what: &str, limit: Duration, mut done: impl F
     }
 }
 
-/// With the watermark off, sled meets ENOSPC: the daemon says so in health and exits 1
-/// (never alive and idle). Restarted with the watermark on the same full disk, it does not
-/// crash-loop: it serves health (unhealthy: disk full), reads nothing, delivers what the
-/// store holds once Threat Bus comes, and reads the rest when the filesystem grows.
+/// With the watermark off, sled meets ENOSPC: the daemon says DISK FULL and exits 1 (never
+/// alive and idle). Restarted with the watermark on the same full disk (0 bytes free: sled
+/// cannot even open the store, it writes at open), it does not crash-loop: it stays up,
+/// `health` says unhealthy (disk full), and once the filesystem grows it opens the store
+/// the first run left (consistent) and delivers everything, nothing lost.
 #[test]
 fn enospc_exits_and_the_restart_waits_for_room() {
     if reexec_in_namespace("enospc_exits_and_the_restart_waits_for_room") {
@@ -282,15 +316,25 @@ fn enospc_exits_and_the_restart_waits_for_room() {
     // The container restarts it into the same full disk, now with the watermark on.
     let mut bridge = Bridge::start(world.env(16));
     let data = world.fs.path.clone();
-    wait_until(&mut bridge, "health says the disk is full", WAIT, || {
-        matches!(health(&data), Some((false, h)) if h["unhealthy"]["disk"].as_str().is_some_and(|s| s.contains("disk full")))
-    });
+    wait_until(
+        &mut bridge,
+        "health says the disk is full",
+        WAIT,
+        || matches!(health(&data), Some((false, h)) if h["unhealthy"].to_string().contains("disk full")),
+    );
     std::thread::sleep(Duration::from_secs(3));
-    assert!(bridge.running(), "the restart exited:\n{}", bridge.log_tail(60));
+    assert!(
+        bridge.running(),
+        "the restart exited:\n{}",
+        bridge.log_tail(60)
+    );
     let app = world.bus_comes();
     world.fs.resize("800m");
-    wait_until(&mut bridge, "every indicator delivered", Duration::from_secs(300), || {
-        world.delivered(&app).is_superset(&world.expected)
-    });
+    wait_until(
+        &mut bridge,
+        "every indicator delivered",
+        Duration::from_secs(300),
+        || world.delivered(&app).is_superset(&world.expected),
+    );
     assert_eq!(bridge.terminate(Duration::from_secs(10)), Some(0));
 }

@@ -268,6 +268,7 @@ fn every_bridge_key_is_read_from_the_environment() {
         ("BRIDGE_OPENCTI_CONCURRENCY", "256"),
         ("BRIDGE_MAX_EVENT_BYTES", "65536"),
         ("BRIDGE_PROBE_MAX_MS", "2000"),
+        ("BRIDGE_MIN_FREE_MB", "64"),
     ];
     let b = valid(base_with_env(&env)).bridge;
     assert_eq!(b.data_dir, Path::new("/data"));
@@ -284,6 +285,15 @@ fn every_bridge_key_is_read_from_the_environment() {
     assert_eq!(b.opencti_concurrency, 256);
     assert_eq!(b.max_event_bytes, 65536);
     assert_eq!(b.probe_max, Duration::from_millis(2000));
+    assert_eq!(b.min_free_bytes, 64 * 1024 * 1024);
+}
+
+#[test]
+fn min_free_defaults_to_256_mib_and_zero_turns_it_off() {
+    let b = valid(base_with_env(&[])).bridge;
+    assert_eq!(b.min_free_bytes, 256 * 1024 * 1024);
+    let b = valid(base_with_env(&[("BRIDGE_MIN_FREE_MB", "0")])).bridge;
+    assert_eq!(b.min_free_bytes, 0);
 }
 
 #[test]
@@ -492,6 +502,7 @@ invalid_env_tests! {
     invalid_max_event_bytes_too_small: BRIDGE_MAX_EVENT_BYTES = "4095",
     invalid_max_event_bytes_too_big: BRIDGE_MAX_EVENT_BYTES = "1073741825",
     invalid_probe_max_zero: BRIDGE_PROBE_MAX_MS = "0",
+    invalid_min_free_too_big: BRIDGE_MIN_FREE_MB = "1048577",
     invalid_integer_overflow: BRIDGE_INDICATOR_QUEUE_LIMIT = "99999999999999999999999",
 }
 

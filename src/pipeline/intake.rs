@@ -98,16 +98,20 @@ impl Intake {
         };
         let free_mb = free / crate::config::MB;
         let floor_mb = disk.sighting_floor() / crate::config::MB;
-        let sightings = std::mem::take(&mut batch.sightings)
-            .into_iter()
-            .chain(std::mem::take(&mut batch.parked).into_iter().map(|(s, _)| s));
+        let sightings = std::mem::take(&mut batch.sightings).into_iter().chain(
+            std::mem::take(&mut batch.parked)
+                .into_iter()
+                .map(|(s, _)| s),
+        );
         for sighting in sightings {
             self.metrics.sightings.dropped.inc();
             tracing::error!(free_mb, floor_mb, sighting = %String::from_utf8_lossy(&sighting), "disk full: sighting DROPPED");
         }
-        let imports = std::mem::take(&mut batch.imports)
-            .into_iter()
-            .chain(std::mem::take(&mut batch.imports_parked).into_iter().map(|(s, _)| s));
+        let imports = std::mem::take(&mut batch.imports).into_iter().chain(
+            std::mem::take(&mut batch.imports_parked)
+                .into_iter()
+                .map(|(s, _)| s),
+        );
         for indicator in imports {
             self.metrics.imports.dropped.inc();
             tracing::error!(free_mb, floor_mb, indicator = %String::from_utf8_lossy(&indicator), "disk full: indicator from Threat Bus DROPPED");

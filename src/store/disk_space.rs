@@ -162,7 +162,13 @@ mod tests {
         let free = huge.free().unwrap();
         // Between the floor and min_free.
         let low = DiskSpace::new(dir.path(), free.saturating_mul(2));
-        assert!(matches!(low.room(), Room::Low { .. } | Room::Critical { .. }));
-        assert_eq!(low.sighting_floor(), low.min_free() / SIGHTING_FLOOR_DIVISOR);
+        assert!(matches!(
+            low.room(),
+            Room::Low { .. } | Room::Critical { .. }
+        ));
+        assert_eq!(
+            low.sighting_floor(),
+            low.min_free() / SIGHTING_FLOOR_DIVISOR
+        );
     }
 }

@@ -96,5 +96,6 @@ impl StoreError {
 }
 
 fn is_enospc(error: &std::io::Error) -> bool {
-    error.raw_os_error() == Some(libc::ENOSPC) || error.to_string().contains("No space left on device")
+    error.raw_os_error() == Some(libc::ENOSPC)
+        || error.to_string().contains("No space left on device")
 }
