@@ -36,8 +36,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .thread_name("bridge")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_async(config))
+    let result = runtime.block_on(run_async(config));
+    // Dropping the runtime would wait for every blocking task: one stuck in a store that
+    // cannot write (its close timed out above) must not keep the process, and sled's lock,
+    // alive.
+    runtime.shutdown_timeout(RUNTIME_STOP_TIMEOUT);
+    result
 }
+
+/// How long blocking tasks get once the daemon is done (they are all finished in a
+/// clean shutdown).
+const RUNTIME_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
