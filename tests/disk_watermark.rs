@@ -55,6 +55,9 @@ async fn a_disk_below_the_watermark_keeps_the_reader_from_connecting() {
             multiplier: 2.0,
         },
         auth_retry: Duration::from_millis(400),
+        // As the daemon: bridge.flush_interval_ms.
+        linger: Duration::from_millis(10),
+        record_catalog: true,
     };
     // More free space than any disk has: always below the watermark.
     let disk = Arc::new(DiskSpace::new(dir.path(), u64::MAX));
