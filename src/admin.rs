@@ -67,12 +67,17 @@ pub struct Health {
     #[serde(default)]
     pub imports: u64,
     pub dead: u64,
+    /// Why the daemon is unhealthy (`health` then exits 1): a full disk, a store that
+    /// cannot write any more. Empty when healthy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unhealthy: BTreeMap<String, String>,
 }
 
 /// Live state the daemon's components report, for `health`.
 pub struct Status {
     started: Instant,
     components: Mutex<BTreeMap<String, String>>,
+    unhealthy: Mutex<BTreeMap<String, String>>,
 }
 
 impl Default for Status {
@@ -80,6 +85,7 @@ impl Default for Status {
         Status {
             started: Instant::now(),
             components: Mutex::new(BTreeMap::new()),
+            unhealthy: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -88,6 +94,21 @@ impl Status {
     pub fn set(&self, component: &str, state: impl Into<String>) {
         let mut map = self.components.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(component.to_string(), state.into());
+    }
+
+    /// Marks the daemon unhealthy because of `component` (`None`: healthy again).
+    pub fn set_unhealthy(&self, component: &str, why: Option<String>) {
+        let mut map = self.unhealthy.lock().unwrap_or_else(|p| p.into_inner());
+        match why {
+            Some(why) => map.insert(component.to_string(), why),
+            None => map.remove(component),
+        };
+    }
+
+    /// The component's state line, if it reported one.
+    pub fn get(&self, component: &str) -> Option<String> {
+        let map = self.components.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(component).cloned()
     }
 
     fn health(&self, store: &Store) -> Health {
@@ -102,6 +123,11 @@ impl Status {
             sightings: store.len(Queue::Sightings),
             imports: store.len(Queue::Imports),
             dead: store.dead_len(),
+            unhealthy: self
+                .unhealthy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }
@@ -223,7 +249,10 @@ async fn reconcile(daemon: &Daemon) -> Response {
 pub fn handle(store: &Store, status: &Status, request: Request, source: &str) -> Response {
     let result = match request {
         Request::Inspect(query) => {
-            inspect::report(store, &query, source, crate::store::now_ms()).map(Response::Report)
+            inspect::report(store, &query, source, crate::store::now_ms()).map(|mut report| {
+                report.stream_state = status.get("stream");
+                Response::Report(report)
+            })
         }
         Request::Health => Ok(Response::Health(status.health(store))),
         Request::RequeueDead { queue, keys } => store

@@ -151,6 +151,9 @@ pub struct BridgeConfig {
     /// sled's page cache in MiB (`bridge.cache_mb`): most of the daemon's resident memory
     /// with a large backlog.
     pub cache_mb: u64,
+    /// Free space on the data dir's filesystem below which the stream reader pauses
+    /// (`bridge.min_free_mb`, in bytes here); see [`crate::store::disk_space`].
+    pub min_free_bytes: u64,
 }
 
 /// Default of `bridge.probe_max_ms`. While a peer is down the bridge sends it one probe at
@@ -158,6 +161,9 @@ pub struct BridgeConfig {
 /// 5 s of the peer's return, after an outage of any length, at the cost of one cheap
 /// request (a refused connection, a 502) per 5 s while it is down.
 pub const DEFAULT_PROBE_MAX: Duration = Duration::from_secs(5);
+
+/// `bridge.min_free_mb` is in MiB.
+pub const MB: u64 = 1024 * 1024;
 
 impl BridgeConfig {
     pub fn with_data_dir(data_dir: impl AsRef<Path>) -> Self {
@@ -180,6 +186,7 @@ impl BridgeConfig {
             max_event_bytes: crate::opencti::stream::DEFAULT_MAX_EVENT_BYTES,
             probe_max: DEFAULT_PROBE_MAX,
             cache_mb: crate::store::DEFAULT_CACHE_MB,
+            min_free_bytes: crate::store::disk_space::DEFAULT_MIN_FREE_MB * MB,
         }
     }
 }

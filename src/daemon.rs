@@ -24,8 +24,11 @@ use crate::pipeline::to_bus::{ToBus, ToBusConfig};
 use crate::pipeline::to_opencti::{ToOpenCti, ToOpenCtiConfig};
 use crate::retry::RetryPolicy;
 use crate::store::damage::{open_checked, DamageReport, Opened};
-use crate::store::{Queue, Store, StoreOptions};
+use crate::store::disk_space::{DiskSpace, Room};
+use crate::store::{Queue, Store, StoreError, StoreOptions};
 use crate::threatbus::{Link, LinkConfig, LinkState};
+
+mod disk_wait;
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -33,8 +36,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .thread_name("bridge")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_async(config))
+    let result = runtime.block_on(run_async(config));
+    // Dropping the runtime would wait for every blocking task: one stuck in a store that
+    // cannot write (its close timed out above) must not keep the process, and sled's lock,
+    // alive.
+    runtime.shutdown_timeout(RUNTIME_STOP_TIMEOUT);
+    result
 }
+
+/// How long blocking tasks get once the daemon is done (they are all finished in a
+/// clean shutdown).
+const RUNTIME_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
@@ -58,7 +70,10 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let data_dir = config.bridge.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    let (store, damage) = open_store(&config).await?;
+    let Some((store, damage)) = disk_wait::open_store_when_room(&config, &mut signals).await?
+    else {
+        return Ok(());
+    };
     let status = Arc::new(Status::default());
     let metrics = Arc::new(Metrics::default());
     match &damage {
@@ -92,6 +107,13 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let disk = Arc::new(DiskSpace::new(&data_dir, config.bridge.min_free_bytes));
+    tasks.spawn(watch_disk(
+        shutdown.clone(),
+        Arc::clone(&disk),
+        Arc::clone(&status),
+        Arc::clone(&metrics),
+    ));
 
     // Threat Bus link, and the topic bookkeeping that survives a crash.
     let stale_topic = store.meta(META_BUS_TOPIC)?;
@@ -119,7 +141,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         config.bridge.sighting_queue_limit,
         Arc::clone(&metrics),
     )
-    .with_import(config.threatbus.import_indicators);
+    .with_import(config.threatbus.import_indicators)
+    .with_disk_space(Arc::clone(&disk));
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(intake.run(stop).await?) });
     tasks.spawn(write_checkpoints(shutdown.clone(), Arc::clone(&store)));
@@ -170,7 +193,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         Arc::clone(&metrics),
     )?
     .with_reconcile(reconcile_tx)
-    .with_connector_state(reader_state);
+    .with_connector_state(reader_state)
+    .with_disk_space(Arc::clone(&disk));
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(reader.run(stop).await?) });
 
@@ -248,6 +272,28 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             Err(e) => Err(anyhow::anyhow!("a pipeline task panicked: {e}")),
         },
     };
+    if let Err(error) = &outcome {
+        // Said before anything stops, so that `health` reports it while the daemon exits.
+        // The reader's and the intake's errors wrap a StoreError transparently (it is then
+        // not in the chain itself): its text tells.
+        let disk_full = error.chain().any(|e| {
+            e.downcast_ref::<StoreError>()
+                .is_some_and(StoreError::is_disk_full)
+                || e.to_string().contains("No space left on device")
+        });
+        if disk_full {
+            tracing::error!(
+                %error,
+                dir = %data_dir.display(),
+                "DISK FULL: the store cannot write any more (sled refuses every write after a failed one \
+                 until it is opened again); exiting. The next start opens the store, delivers what it holds \
+                 and reads the stream only once there is room again (bridge.min_free_mb)"
+            );
+            status.set_unhealthy("store", Some(format!("disk full, exiting: {error}")));
+        } else {
+            status.set_unhealthy("daemon", Some(format!("exiting: {error:#}")));
+        }
+    }
     let _ = shutdown_tx.send(true);
     if tokio::time::timeout(TASK_STOP_TIMEOUT, async {
         while tasks.join_next().await.is_some() {}
@@ -271,15 +317,83 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         task.abort();
     }
     let _ = std::fs::remove_file(admin::socket_path(&data_dir));
-    tokio::task::spawn_blocking(move || {
+    let closing = tokio::task::spawn_blocking(move || {
         store.close()?;
         // Only now are the exact claims true: nothing writes to the store any more.
         store.write_closed_checkpoint()
-    })
-    .await
-    .context("closing the store")??;
-    tracing::info!("store flushed; bye");
-    outcome
+    });
+    // Never alive and idle: a store that cannot finish its last flush (a full disk) must
+    // not keep the process, and sled's lock, around. What was not flushed is read again.
+    let closed = match tokio::time::timeout(STORE_CLOSE_TIMEOUT, closing).await {
+        Ok(joined) => joined
+            .context("closing the store")?
+            .map_err(anyhow::Error::from),
+        Err(_) => Err(anyhow::anyhow!(
+            "closing the store did not finish within {}s",
+            STORE_CLOSE_TIMEOUT.as_secs()
+        )),
+    };
+    match (outcome, closed) {
+        (Ok(()), Ok(())) => {
+            tracing::info!("store flushed; bye");
+            Ok(())
+        }
+        (Ok(()), Err(e)) => Err(e),
+        (Err(e), closed) => {
+            if let Err(close_error) = closed {
+                tracing::error!(error = %close_error, "closing the store failed too");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// How long the last flush at exit may take. A healthy flush takes milliseconds; this
+/// only bounds a store that cannot write.
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Keeps the free-space gauge and the `disk` line of `health` current; below the sighting
+/// floor the daemon is unhealthy (it drops sightings). Ends only at shutdown.
+async fn watch_disk(
+    mut shutdown: watch::Receiver<bool>,
+    disk: Arc<DiskSpace>,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let mb = crate::config::MB;
+    loop {
+        let reading = disk.free();
+        let room = disk.room();
+        if let Some(free) = reading {
+            metrics
+                .disk_free_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+            status.set(
+                "disk",
+                format!(
+                    "{} MB free (stream pauses below {} MB, sightings dropped below {} MB)",
+                    free / mb,
+                    disk.min_free() / mb,
+                    disk.sighting_floor() / mb
+                ),
+            );
+        }
+        match room {
+            Room::Critical { free } => status.set_unhealthy(
+                "disk",
+                Some(format!(
+                    "disk full: {} MB free < {} MB: the stream is paused and sightings are dropped",
+                    free / mb,
+                    disk.sighting_floor() / mb
+                )),
+            ),
+            _ => status.set_unhealthy("disk", None),
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(crate::store::disk_space::REFRESH) => {}
+        }
+    }
 }
 
 /// Hands the heap the open-time counting scans freed back to the OS. The scans read every

@@ -63,6 +63,9 @@ pub struct Report {
     pub store_path: String,
     pub format_version: u32,
     pub stream_position: Option<String>,
+    /// The stream reader's state when the daemon answered (why it is paused, if it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_state: Option<String>,
     /// What the bridge has told Threat Bus: active indicators and every id ever sent.
     pub catalog: CatalogSize,
     pub queues: Vec<QueueStats>,
@@ -128,6 +131,7 @@ pub fn report(
         store_path: store.path().display().to_string(),
         format_version: crate::store::CURRENT_FORMAT,
         stream_position: store.position()?,
+        stream_state: None,
         catalog: store.catalog_size(),
         queues,
         items,
@@ -248,6 +252,9 @@ pub fn render_table(report: &Report) -> String {
             .as_deref()
             .unwrap_or("none (first start)")
     );
+    if let Some(state) = &report.stream_state {
+        let _ = writeln!(out, "Stream reader: {state}");
+    }
     let _ = writeln!(
         out,
         "Indicator catalog: {} active ({} ids forwarded, removed ones included)",

@@ -54,7 +54,8 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Exit 0 if the running daemon answers on its admin socket (for container health checks).
+    /// Exit 0 if the running daemon answers on its admin socket and is healthy (for container
+    /// health checks); exit 1 if it answers unhealthy (disk full, exiting after a store failure).
     Health {
         #[command(flatten)]
         store: StoreArgs,

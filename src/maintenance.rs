@@ -39,6 +39,10 @@ pub fn purge_dead(data_dir: &Path, queue: Option<Queue>, keys: Vec<u64>) -> anyh
 pub fn health(data_dir: &Path) -> anyhow::Result<String> {
     let socket = admin::socket_path(data_dir);
     match admin::ask(data_dir, &Request::Health)? {
+        Some(Response::Health(health)) if !health.unhealthy.is_empty() => bail!(
+            "the daemon answers but is unhealthy: {}",
+            serde_json::to_string(&health)?
+        ),
         Some(Response::Health(health)) => Ok(serde_json::to_string(&health)? + "\n"),
         Some(other) => Err(unexpected(other)),
         None => bail!("no daemon answers on {}", socket.display()),

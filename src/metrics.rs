@@ -193,6 +193,11 @@ pub struct Metrics {
     pub stream_gaps: Counter,
     /// Failed connections in a row at the same stream position, failing the same way.
     pub stream_repeated_failures: GaugeValue,
+    /// Free bytes on the data directory's filesystem, as last read (see
+    /// [`crate::store::disk_space`]).
+    pub disk_free_bytes: GaugeValue,
+    /// 1 while the stream reader is paused because the disk is nearly full.
+    pub stream_paused_disk: GaugeValue,
     pub bus_resubscriptions: Counter,
     /// Snapshot requests received from Threat Bus (both kinds).
     pub snapshot_requests: Counter,
@@ -230,6 +235,8 @@ impl Default for Metrics {
             stream_reconnects: Counter::default(),
             stream_gaps: Counter::default(),
             stream_repeated_failures: GaugeValue::default(),
+            disk_free_bytes: GaugeValue::default(),
+            stream_paused_disk: GaugeValue::default(),
             bus_resubscriptions: Counter::default(),
             snapshot_requests: Counter::default(),
             snapshots_answered: Counter::default(),
@@ -371,6 +378,17 @@ impl Metrics {
             "Failed stream connections in a row at the same position, failing the same way \
              (0 once the position moves)",
             self.stream_repeated_failures.0.clone(),
+        );
+        r.register_with_unit(
+            "disk_free",
+            "Free space on the data directory's filesystem (bridge.min_free_mb pauses the stream below it)",
+            Unit::Bytes,
+            self.disk_free_bytes.0.clone(),
+        );
+        r.register(
+            "stream_paused_disk",
+            "1 while the stream reader is paused because the data directory's disk is nearly full",
+            self.stream_paused_disk.0.clone(),
         );
 
         r.register_with_unit(

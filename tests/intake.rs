@@ -131,3 +131,35 @@ async fn beyond_the_sighting_limit_drops_are_counted() {
     assert_eq!(outcome.store.len(Queue::Sightings), 3);
     assert_eq!(outcome.metrics.sightings.dropped.get(), 2);
 }
+
+/// Below the disk's sighting floor (here: a watermark no disk can meet), sightings and
+/// imports are dropped and counted like beyond the queue limit: nothing is written.
+#[tokio::test]
+async fn below_the_disk_floor_sightings_are_dropped_and_counted() {
+    use opencti_threatbus::store::disk_space::DiskSpace;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (echo_tx, _echo_rx) = mpsc::unbounded_channel();
+    let (snapshot_tx, _snapshot_rx) = mpsc::unbounded_channel();
+    let (_stop_tx, stop) = watch::channel(false);
+    let intake = Intake::new(
+        Arc::clone(&store),
+        rx,
+        echo_tx,
+        snapshot_tx,
+        1_000,
+        Arc::clone(&metrics),
+    )
+    .with_disk_space(Arc::new(DiskSpace::new(dir.path(), u64::MAX)));
+    for _ in 0..3 {
+        tx.send(Incoming::Sighting(GOOD.to_owned())).unwrap();
+    }
+    // The subscription ends: the intake returns once it has taken everything.
+    drop(tx);
+    intake.run(stop).await.unwrap();
+    assert_eq!(store.len(Queue::Sightings), 0);
+    assert_eq!(metrics.sightings.dropped.get(), 3);
+    assert_eq!(store.dead_len(), 0);
+}

@@ -76,6 +76,7 @@ keys! {
     BRIDGE_MAX_EVENT_BYTES => "bridge"."max_event_bytes",
     BRIDGE_PROBE_MAX_MS => "bridge"."probe_max_ms",
     BRIDGE_CACHE_MB => "bridge"."cache_mb",
+    BRIDGE_MIN_FREE_MB => "bridge"."min_free_mb",
 }
 
 /// The sections of the file, in the order the example documents them.

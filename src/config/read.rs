@@ -190,6 +190,8 @@ pub const DEFAULT_SNAPSHOT_RATE: u32 = 400;
 /// `bridge.max_event_bytes`: at least 4 KiB, or OpenCTI's own `connected` and heartbeat
 /// events and every ordinary indicator would be refused; at most 1 GiB, beyond which the
 /// limit no longer bounds the memory of a small container.
+/// 1 TiB: anything larger is a typo (a byte count given as MiB).
+const MAX_MIN_FREE_MB: u64 = 1 << 20;
 const MAX_EVENT_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=(1 << 30);
 
 /// `bridge.cache_mb`: sled needs some cache to work at all; above 1 TiB the value is a
@@ -264,6 +266,12 @@ impl BridgeConfig {
             )?,
             probe_max: millis(src, keys::BRIDGE_PROBE_MAX_MS, d.probe_max)?,
             cache_mb: src.integer(keys::BRIDGE_CACHE_MB, Some(d.cache_mb), CACHE_MB_RANGE)?,
+            // 0 turns the watermark off (the reader then writes until sled fails).
+            min_free_bytes: src.integer::<u64>(
+                keys::BRIDGE_MIN_FREE_MB,
+                Some(d.min_free_bytes / super::MB),
+                0..=MAX_MIN_FREE_MB,
+            )? * super::MB,
             data_dir: d.data_dir,
         })
     }

@@ -269,6 +269,7 @@ fn every_bridge_key_is_read_from_the_environment() {
         ("BRIDGE_MAX_EVENT_BYTES", "65536"),
         ("BRIDGE_PROBE_MAX_MS", "2000"),
         ("BRIDGE_CACHE_MB", "48"),
+        ("BRIDGE_MIN_FREE_MB", "64"),
     ];
     let b = valid(base_with_env(&env)).bridge;
     assert_eq!(b.data_dir, Path::new("/data"));
@@ -286,6 +287,15 @@ fn every_bridge_key_is_read_from_the_environment() {
     assert_eq!(b.max_event_bytes, 65536);
     assert_eq!(b.probe_max, Duration::from_millis(2000));
     assert_eq!(b.cache_mb, 48);
+    assert_eq!(b.min_free_bytes, 64 * 1024 * 1024);
+}
+
+#[test]
+fn min_free_defaults_to_256_mib_and_zero_turns_it_off() {
+    let b = valid(base_with_env(&[])).bridge;
+    assert_eq!(b.min_free_bytes, 256 * 1024 * 1024);
+    let b = valid(base_with_env(&[("BRIDGE_MIN_FREE_MB", "0")])).bridge;
+    assert_eq!(b.min_free_bytes, 0);
 }
 
 #[test]
@@ -496,6 +506,7 @@ invalid_env_tests! {
     invalid_probe_max_zero: BRIDGE_PROBE_MAX_MS = "0",
     invalid_cache_mb_zero: BRIDGE_CACHE_MB = "0",
     invalid_cache_mb_too_big: BRIDGE_CACHE_MB = "1048577",
+    invalid_min_free_too_big: BRIDGE_MIN_FREE_MB = "1048577",
     invalid_integer_overflow: BRIDGE_INDICATOR_QUEUE_LIMIT = "99999999999999999999999",
 }
 

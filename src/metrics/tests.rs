@@ -113,6 +113,14 @@ fn series_of_the_hardening() -> BTreeSet<String> {
     BTreeSet::from(["opencti_threatbus_stream_repeated_failures".to_string()])
 }
 
+/// What the full-disk watermark (issue 8 item 3) added.
+fn series_of_the_full_disk() -> BTreeSet<String> {
+    BTreeSet::from([
+        "opencti_threatbus_disk_free_bytes".to_string(),
+        "opencti_threatbus_stream_paused_disk".to_string(),
+    ])
+}
+
 #[test]
 fn both_formats_export_the_series_of_the_hand_written_exposition() {
     let (store, _dir) = store_with_position();
@@ -121,6 +129,7 @@ fn both_formats_export_the_series_of_the_hand_written_exposition() {
     expected.extend(series_of_the_catalog());
     expected.extend(series_of_the_import_queue());
     expected.extend(series_of_the_hardening());
+    expected.extend(series_of_the_full_disk());
     assert_eq!(series(&metrics.render(&store)), expected);
     assert_eq!(series(&metrics.render_openmetrics(&store)), expected);
 }

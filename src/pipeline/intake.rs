@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::Metrics;
 use crate::stix::import::ImportIndicator;
 use crate::stix::{classify_bus_message, indicator_echo_key, BusMessage, EchoKey};
+use crate::store::disk_space::{DiskSpace, Room};
 use crate::store::{Commit, Queue, Store, StoreError};
 use crate::threatbus::Incoming;
 
@@ -33,6 +34,9 @@ pub struct Intake {
     metrics: Arc<Metrics>,
     /// `threatbus.import_indicators`.
     import: bool,
+    /// Below its sighting floor, sightings and imports are dropped (see
+    /// [`crate::store::disk_space`]).
+    disk: Option<Arc<DiskSpace>>,
 }
 
 #[derive(Default)]
@@ -66,6 +70,7 @@ impl Intake {
             sighting_limit,
             metrics,
             import: false,
+            disk: None,
         }
     }
 
@@ -73,6 +78,45 @@ impl Intake {
     pub fn with_import(mut self, import: bool) -> Self {
         self.import = import;
         self
+    }
+
+    /// Drops what arrives while the data directory's disk is below the sighting floor.
+    pub fn with_disk_space(mut self, disk: Arc<DiskSpace>) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// Below the sighting floor every write could be the one that fills the disk, which
+    /// sled does not survive: the burst is dropped, each item counted and logged, as at the
+    /// queue limit. Returns whether it was.
+    fn dropped_for_disk(&self, batch: &mut Batch) -> bool {
+        let Some(disk) = &self.disk else {
+            return false;
+        };
+        let Room::Critical { free } = disk.room() else {
+            return false;
+        };
+        let free_mb = free / crate::config::MB;
+        let floor_mb = disk.sighting_floor() / crate::config::MB;
+        let sightings = std::mem::take(&mut batch.sightings).into_iter().chain(
+            std::mem::take(&mut batch.parked)
+                .into_iter()
+                .map(|(s, _)| s),
+        );
+        for sighting in sightings {
+            self.metrics.sightings.dropped.inc();
+            tracing::error!(free_mb, floor_mb, sighting = %String::from_utf8_lossy(&sighting), "disk full: sighting DROPPED");
+        }
+        let imports = std::mem::take(&mut batch.imports).into_iter().chain(
+            std::mem::take(&mut batch.imports_parked)
+                .into_iter()
+                .map(|(s, _)| s),
+        );
+        for indicator in imports {
+            self.metrics.imports.dropped.inc();
+            tracing::error!(free_mb, floor_mb, indicator = %String::from_utf8_lossy(&indicator), "disk full: indicator from Threat Bus DROPPED");
+        }
+        true
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), StoreError> {
@@ -175,6 +219,9 @@ impl Intake {
 
     /// Writes the burst; beyond the sighting outbox limit, counts and logs every drop.
     fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
+        if self.dropped_for_disk(&mut batch) {
+            return Ok(());
+        }
         let imports = std::mem::take(&mut batch.imports);
         let imports_parked = std::mem::take(&mut batch.imports_parked);
         self.commit_imports(imports, imports_parked)?;

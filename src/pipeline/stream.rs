@@ -25,6 +25,7 @@ use crate::opencti::stream::{
 use crate::retry::Backoff;
 use crate::stix::{self, StreamAction};
 use crate::store::catalog::update_for_indicator;
+use crate::store::disk_space::{DiskSpace, Room};
 use crate::store::{CatalogUpdate, Commit, Queue, Store, StoreError};
 
 /// Events committed together at most: bounds the work lost to a crash mid-burst and the
@@ -124,6 +125,12 @@ pub struct StreamReader {
     reconcile: Option<mpsc::UnboundedSender<ReconcileRequest>>,
     /// The state pings carry to OpenCTI, and what their answers ask for.
     connector_state: ReaderSide,
+    /// The free-space watermark (`bridge.min_free_mb`); none in tests that run the reader
+    /// alone.
+    disk: Option<Arc<DiskSpace>>,
+    /// The indicators queued when the reader last paused for disk space, while the disk
+    /// stays low (see [`StreamReader::wait_for_disk`]).
+    disk_cap: Option<u64>,
 }
 
 /// What one burst of events adds to the store.
@@ -174,6 +181,8 @@ impl StreamReader {
             checkpoint,
             reconcile: None,
             connector_state,
+            disk: None,
+            disk_cap: None,
         };
         // Decided now rather than at the first connection, so that the first ping already
         // shows the first start's recover date.
@@ -221,6 +230,12 @@ impl StreamReader {
         }
     }
 
+    /// Pauses reading while the data directory's disk is nearly full.
+    pub fn with_disk_space(mut self, disk: Arc<DiskSpace>) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
     /// Asks `reconcile` for a pass whenever a replay finishes.
     pub fn with_reconcile(mut self, reconcile: mpsc::UnboundedSender<ReconcileRequest>) -> Self {
         self.reconcile = Some(reconcile);
@@ -234,6 +249,8 @@ impl StreamReader {
             if let Some(request) = self.poll_request() {
                 self.apply(request)?;
             }
+            // Not even a first burst onto a full disk (a restart after sled failed on one).
+            self.wait_for_disk(&mut shutdown).await;
             let resume = self.resume()?;
             self.status.set(
                 "stream",
@@ -846,7 +863,8 @@ impl StreamReader {
     /// SPEC §2.9: the stream can be replayed, so a full outbox pauses reading rather than
     /// dropping anything. Checked between bursts, so the outbox may exceed the limit by at
     /// most one burst (`MAX_BATCH_EVENTS` events).
-    async fn wait_for_room(&self, shutdown: &mut watch::Receiver<bool>) {
+    async fn wait_for_room(&mut self, shutdown: &mut watch::Receiver<bool>) {
+        self.wait_for_disk(shutdown).await;
         // A state request is applied at once (the reader then waits here again).
         let request_pending = || self.connector_state.requests.has_changed().unwrap_or(false);
         let limit = self.config.indicator_limit;
@@ -868,6 +886,75 @@ impl StreamReader {
             queued = self.store.len(Queue::Indicators),
             "indicator outbox has room again: resuming the stream"
         );
+        self.status.set("stream", "connected");
+    }
+}
+
+impl StreamReader {
+    /// Pauses while the disk of the data directory is below `bridge.min_free_mb`: sled
+    /// cannot survive a full disk (see [`crate::store::disk_space`]), and the stream can be
+    /// read again later. Checked between bursts, like the queue limit.
+    ///
+    /// sled reuses the space of delivered items inside its file and never gives it back to
+    /// the filesystem, so delivering does not raise the free space: while the disk stays
+    /// low, the reader reads again once the outbox has drained to half of what it held at
+    /// the pause (new items then fill space sled already has), and pauses again when it
+    /// is back there. An outbox empty at the pause earns no such credit: something else
+    /// fills the disk. Below the sighting floor, no credit at all.
+    async fn wait_for_disk(&mut self, shutdown: &mut watch::Receiver<bool>) {
+        let Some(disk) = self.disk.clone() else {
+            return;
+        };
+        let queued = || self.store.len(Queue::Indicators);
+        let low = |room: Room| match room {
+            Room::Enough => None,
+            Room::Low { free } | Room::Critical { free } => Some(free),
+        };
+        let room = disk.room_now();
+        let Some(free) = low(room) else {
+            self.disk_cap = None;
+            return;
+        };
+        if matches!(room, Room::Low { .. }) && self.disk_cap.is_some_and(|cap| queued() < cap) {
+            return;
+        }
+        let cap = *self.disk_cap.get_or_insert(queued());
+        let why = disk.describe_low(free);
+        tracing::warn!(
+            free_mb = free / crate::config::MB,
+            min_free_mb = disk.min_free() / crate::config::MB,
+            queued = queued(),
+            "{why}: pausing the stream until there is room (delivering frees space inside the store)"
+        );
+        self.status.set("stream", format!("paused: {why}"));
+        self.metrics.stream_paused_disk.set(1);
+        let request_pending = || self.connector_state.requests.has_changed().unwrap_or(false);
+        loop {
+            if *shutdown.borrow() || request_pending() {
+                break;
+            }
+            match disk.room_now() {
+                Room::Enough => {
+                    self.disk_cap = None;
+                    break;
+                }
+                Room::Low { .. } if cap > 0 && queued() <= cap / 2 => break,
+                room => {
+                    if let Some(free) = low(room) {
+                        self.metrics.disk_free_bytes.set(free as i64);
+                        self.status
+                            .set("stream", format!("paused: {}", disk.describe_low(free)));
+                    }
+                }
+            }
+            tokio::time::sleep(FULL_OUTBOX_POLL).await;
+        }
+        tracing::info!(
+            free_mb = disk.free().unwrap_or(0) / crate::config::MB,
+            queued = queued(),
+            "room on the disk again: resuming the stream"
+        );
+        self.metrics.stream_paused_disk.set(0);
         self.status.set("stream", "connected");
     }
 }

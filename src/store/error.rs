@@ -71,6 +71,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the filesystem of the store is full (ENOSPC). sled 0.34 then refuses every
+    /// later write of this `Db` with the same error, until the store is opened again.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sled(sled::Error::Io(io)) => is_enospc(io),
+            StoreError::Checkpoint { source, .. } => is_enospc(source),
+            // The flusher reports sled's error as text.
+            StoreError::Flush(text) => text.contains("No space left on device"),
+            _ => false,
+        }
+    }
+
     /// Maps sled's open errors to the precise cases an operator can act on.
     pub(crate) fn from_open(path: PathBuf, err: sled::Error) -> Self {
         // sled 0.34 reports a held lock as a plain `Other` I/O error with this text.
@@ -81,4 +93,9 @@ impl StoreError {
             _ => StoreError::Sled(err),
         }
     }
+}
+
+fn is_enospc(error: &std::io::Error) -> bool {
+    error.raw_os_error() == Some(libc::ENOSPC)
+        || error.to_string().contains("No space left on device")
 }

@@ -7,6 +7,7 @@
 pub mod catalog;
 mod commit;
 pub mod damage;
+pub mod disk_space;
 mod error;
 mod migrate;
 mod record;
