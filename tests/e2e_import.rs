@@ -13,10 +13,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::bridge::{store_position, Bridge, BridgeEnv, TOKEN};
-use support::opencti::{Indicator, OpenCti};
-use support::opencti_graphql::GraphqlDouble;
-use support::threatbus::{TestApp, ThreatBus};
+use support::bridge::Bridge;
+use support::opencti::Indicator;
+use support::threatbus::TestApp;
+use support::world::World;
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -37,48 +37,17 @@ fn foreign(n: u32, modified: &str, description: &str) -> Value {
     })
 }
 
-struct World {
-    opencti: OpenCti,
-    graphql: GraphqlDouble,
-    bus: ThreatBus,
-    dir: tempfile::TempDir,
+/// STIX ids OpenCTI holds among `ids` (by any of its STIX ids).
+fn in_opencti(world: &World, ids: &[String]) -> BTreeSet<String> {
+    ids.iter()
+        .filter(|id| world.graphql.indicator(id).is_some())
+        .cloned()
+        .collect()
 }
 
-impl World {
-    fn new() -> World {
-        let graphql = GraphqlDouble::new(TOKEN);
-        let opencti = OpenCti::start_with_graphql(graphql.clone());
-        let bus = ThreatBus::start();
-        let dir = tempfile::tempdir().unwrap();
-        let seed = opencti.append_marking();
-        store_position(&dir.path().join("data"), &seed);
-        World {
-            opencti,
-            graphql,
-            bus,
-            dir,
-        }
-    }
-
-    fn env(&self) -> BridgeEnv {
-        BridgeEnv::new(
-            &self.opencti.base_url(),
-            self.bus.manage_port,
-            &self.dir.path().join("data"),
-        )
-    }
-
-    /// STIX ids OpenCTI holds among `ids` (by any of its STIX ids).
-    fn in_opencti(&self, ids: &[String]) -> BTreeSet<String> {
-        ids.iter()
-            .filter(|id| self.graphql.indicator(id).is_some())
-            .cloned()
-            .collect()
-    }
-
-    fn writes(&self) -> usize {
-        self.graphql.indicator_adds().len() + self.graphql.indicator_patches().len()
-    }
+/// Every indicator write that reached OpenCTI.
+fn writes(world: &World) -> usize {
+    world.graphql.indicator_adds().len() + world.graphql.indicator_patches().len()
 }
 
 fn id_of(indicator: &Value) -> String {
@@ -87,7 +56,7 @@ fn id_of(indicator: &Value) -> String {
 
 #[test]
 fn other_apps_indicators_land_in_opencti_once_without_loops_or_losses() {
-    let world = World::new();
+    let world = World::ran_before();
     let mut misp = TestApp::subscribe(world.bus.manage_port, &["stix2/indicator"]);
     // OpenCTI's own indicator, forwarded by the bridge: its echo must never be imported.
     let own = Indicator::ipv4("10.66.0.1");
@@ -110,7 +79,7 @@ fn other_apps_indicators_land_in_opencti_once_without_loops_or_losses() {
     }
     let ids: Vec<String> = v1.iter().map(id_of).collect();
     bridge.until("the five new indicators in OpenCTI", WAIT, || {
-        world.in_opencti(&ids).len() == 5
+        in_opencti(&world, &ids).len() == 5
     });
     let changed = foreign(1, "2024-03-02T10:00:00.000Z", "seen again by MISP");
     let unchanged = v1[1].clone();
@@ -177,7 +146,7 @@ fn other_apps_indicators_land_in_opencti_once_without_loops_or_losses() {
     world.graphql.set_bad_gateway(false);
     let during_ids: Vec<String> = during.iter().map(id_of).collect();
     bridge.until("the queued ones in OpenCTI", WAIT, || {
-        world.in_opencti(&during_ids).len() == 3
+        in_opencti(&world, &during_ids).len() == 3
     });
     bridge.until("the import outbox drained", WAIT, || {
         bridge.queued("imports") == 0
@@ -189,7 +158,7 @@ fn other_apps_indicators_land_in_opencti_once_without_loops_or_losses() {
     let standard_id = stored["standard_id"].as_str().unwrap().to_owned();
     let mut back = Indicator::ipv4("198.51.100.4");
     back.stix_id = standard_id.clone();
-    let writes_before = world.writes();
+    let writes_before = writes(&world);
     world.opencti.append_indicator_create(&back);
     bridge.until(
         "the imported indicator forwarded from the stream",
@@ -211,7 +180,7 @@ fn other_apps_indicators_land_in_opencti_once_without_loops_or_losses() {
         .count();
     assert_eq!(times, 1, "forwarded to Threat Bus once");
     assert_eq!(
-        world.writes(),
+        writes(&world),
         writes_before,
         "no write bounced back to OpenCTI"
     );
@@ -239,7 +208,7 @@ fn other_apps_indicators_land_in_opencti_once_without_loops_or_losses() {
 
 #[test]
 fn with_import_off_nothing_is_written() {
-    let world = World::new();
+    let world = World::ran_before();
     let mut misp = TestApp::subscribe(world.bus.manage_port, &["stix2/indicator"]);
     let mut bridge = Bridge::start(world.env().set("THREATBUS_IMPORT_INDICATORS", "false"));
     bridge.wait_subscribed(WAIT);
@@ -252,6 +221,6 @@ fn with_import_off_nothing_is_written() {
     bridge.until("the sighting in OpenCTI", WAIT, || {
         world.graphql.sighting_count() == 1
     });
-    assert_eq!(world.writes(), 0);
+    assert_eq!(writes(&world), 0);
     assert_eq!(bridge.queued("imports"), 0);
 }

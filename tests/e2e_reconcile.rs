@@ -13,44 +13,32 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::bridge::{store_position, Bridge, BridgeEnv, BIN, TOKEN};
-use support::opencti::{Indicator, OpenCti};
-use support::opencti_graphql::GraphqlDouble;
-use support::threatbus::{TestApp, ThreatBus};
+use support::bridge::{Bridge, BIN};
+use support::opencti::Indicator;
+use support::threatbus::TestApp;
+use support::world::World;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-struct World {
-    opencti: OpenCti,
-    graphql: GraphqlDouble,
-    bus: ThreatBus,
-    dir: tempfile::TempDir,
+/// The usual world, and a counter for fresh indicator addresses.
+struct Scene {
+    world: World,
     counter: usize,
 }
 
-impl World {
-    fn new() -> World {
-        let graphql = GraphqlDouble::new(TOKEN);
-        let opencti = OpenCti::start_with_graphql(graphql.clone());
-        let bus = ThreatBus::start();
-        let dir = tempfile::tempdir().unwrap();
-        let seed = opencti.append_marking();
-        store_position(&dir.path().join("data"), &seed);
-        World {
-            opencti,
-            graphql,
-            bus,
-            dir,
+impl std::ops::Deref for Scene {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
+impl Scene {
+    fn new() -> Scene {
+        Scene {
+            world: World::ran_before(),
             counter: 0,
         }
-    }
-
-    fn env(&self) -> BridgeEnv {
-        BridgeEnv::new(
-            &self.opencti.base_url(),
-            self.bus.manage_port,
-            &self.dir.path().join("data"),
-        )
     }
 
     fn created(&mut self, n: usize) -> Vec<Indicator> {
@@ -59,7 +47,7 @@ impl World {
                 self.counter += 1;
                 let c = self.counter;
                 let indicator = Indicator::ipv4(&format!("10.7.{}.{}", (c >> 8) & 255, c & 255));
-                self.opencti.append_indicator_create(&indicator);
+                self.world.opencti.append_indicator_create(&indicator);
                 indicator
             })
             .collect()
@@ -102,7 +90,7 @@ fn reconcile(world: &World, extra: &[&str]) -> std::process::Output {
         .arg("reconcile")
         .args(extra)
         .arg("--data-dir")
-        .arg(world.dir.path().join("data"))
+        .arg(world.data_dir())
         .env_clear()
         .output()
         .expect("run reconcile")
@@ -110,7 +98,7 @@ fn reconcile(world: &World, extra: &[&str]) -> std::process::Output {
 
 #[test]
 fn after_a_trimmed_gap_what_opencti_no_longer_has_is_removed_and_nothing_else() {
-    let mut world = World::new();
+    let mut world = Scene::new();
     let app = TestApp::subscribe(world.bus.manage_port, &["stix2/indicator"]);
     let kept = world.created(6);
     let edited = world.created(2);
@@ -226,7 +214,7 @@ fn after_a_trimmed_gap_what_opencti_no_longer_has_is_removed_and_nothing_else() 
 
 #[test]
 fn the_reconcile_command_asks_the_daemon_and_prints_what_it_found() {
-    let mut world = World::new();
+    let mut world = Scene::new();
     let app = TestApp::subscribe(world.bus.manage_port, &["stix2/indicator"]);
     let indicators = world.created(6);
     let out = reconcile(&world, &[]);

@@ -201,22 +201,17 @@ impl Importer {
             return Ok(Some(delay));
         }
         self.recovered();
-        let attempts = item.envelope.attempts + 1;
-        let message = error.to_string();
-        if attempts >= self.config.max_attempts {
-            self.store
-                .reschedule(Queue::Imports, item.key, 0, &message)?;
-            let reason = format!("OpenCTI refused it {attempts} times: {message}");
-            tracing::error!(key = item.key, %reason, "imported indicator dead-lettered");
-            self.store.dead_letter(Queue::Imports, item.key, &reason)?;
-            self.metrics.imports.dead.inc();
-        } else {
-            let next = now_ms() + self.config.retry.delay_after(attempts).as_millis() as u64;
-            self.store
-                .reschedule(Queue::Imports, item.key, next, &message)?;
-            self.metrics.imports.retried.inc();
-            tracing::warn!(key = item.key, attempts, error = %message, "imported indicator refused by OpenCTI; will retry");
-        }
+        super::refusal::refused(
+            &self.store,
+            &self.metrics.imports,
+            Queue::Imports,
+            item.key,
+            item.envelope.attempts + 1,
+            self.config.max_attempts,
+            &self.config.retry,
+            &error.to_string(),
+            "imported indicator",
+        )?;
         Ok(None)
     }
 

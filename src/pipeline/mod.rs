@@ -10,11 +10,13 @@
 //! - [`reconcile`]: after a replay (or on request), active catalog indicators OpenCTI no
 //!   longer has → `REMOVE`s in the indicator outbox.
 //!
-//! [`checkpoint`] holds the position rules; the backoff they share is [`crate::retry`].
+//! [`checkpoint`] holds the position rules, `refusal` what the two drainers towards
+//! OpenCTI do with an item it refused; the backoff they share is [`crate::retry`].
 pub mod checkpoint;
 pub mod import;
 pub mod intake;
 pub mod reconcile;
+mod refusal;
 pub mod snapshot;
 pub mod stream;
 pub mod to_bus;

@@ -325,21 +325,17 @@ impl<C: SightingApi> ToOpenCti<C> {
     /// The sighting itself was refused: retry later with backoff, and dead-letter it (with
     /// its attempt count and the server's message) after `max_attempts`.
     fn reject(&self, key: u64, attempts: u32, error: &GraphqlError) -> Result<(), StoreError> {
-        let message = error.to_string();
-        if attempts >= self.config.max_attempts {
-            self.store.reschedule(Queue::Sightings, key, 0, &message)?;
-            let reason = format!("OpenCTI refused it {attempts} times: {message}");
-            tracing::error!(key, %reason, "sighting dead-lettered");
-            self.store.dead_letter(Queue::Sightings, key, &reason)?;
-            self.metrics.sightings.dead.inc();
-        } else {
-            let next = now_ms() + self.config.retry.delay_after(attempts).as_millis() as u64;
-            self.store
-                .reschedule(Queue::Sightings, key, next, &message)?;
-            self.metrics.sightings.retried.inc();
-            tracing::warn!(key, attempts, error = %message, "sighting refused by OpenCTI; will retry");
-        }
-        Ok(())
+        super::refusal::refused(
+            &self.store,
+            &self.metrics.sightings,
+            Queue::Sightings,
+            key,
+            attempts,
+            self.config.max_attempts,
+            &self.config.retry,
+            &error.to_string(),
+            "sighting",
+        )
     }
 
     fn recovered(&mut self) {

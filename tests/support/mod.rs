@@ -8,3 +8,4 @@ pub mod opencti;
 pub mod opencti_graphql;
 pub mod proxy;
 pub mod threatbus;
+pub mod world;
