@@ -189,12 +189,7 @@ impl Intake {
             // The catalog holds what the bridge queued for Threat Bus: the same version is
             // its own echo. A read error only costs the check: the import drainer reads
             // OpenCTI before writing and finds the version not newer.
-            let own = self
-                .store
-                .catalog_get(&key.id)
-                .ok()
-                .flatten()
-                .is_some_and(|entry| entry.modified_ms == key.modified_ms);
+            let own = self.store.catalog_modified(&key.id).ok().flatten() == Some(key.modified_ms);
             if own {
                 self.metrics.imports_skipped.inc();
                 return;
@@ -222,70 +217,53 @@ impl Intake {
         if self.dropped_for_disk(&mut batch) {
             return Ok(());
         }
-        let imports = std::mem::take(&mut batch.imports);
-        let imports_parked = std::mem::take(&mut batch.imports_parked);
-        self.commit_imports(imports, imports_parked)?;
-        let queued = self.store.len(Queue::Sightings);
-        let room = self.sighting_limit.saturating_sub(queued) as usize;
-        if batch.sightings.len() > room {
-            let dropped = batch.sightings.split_off(room);
-            self.metrics.sightings.dropped.add(dropped.len() as u64);
-            for sighting in &dropped {
-                tracing::error!(
-                    limit = self.sighting_limit,
-                    sighting = %String::from_utf8_lossy(sighting),
-                    "sighting outbox full: sighting DROPPED"
-                );
-            }
-        }
-        if batch.sightings.is_empty() && batch.parked.is_empty() {
-            return Ok(());
-        }
-        let received = batch.sightings.len() as u64;
-        self.metrics.sightings.dead.add(batch.parked.len() as u64);
-        let commit = Commit {
-            items: batch.sightings,
-            parked: batch.parked,
-            ..Commit::default()
-        };
-        let _durable = self.store.commit(Queue::Sightings, commit)?;
-        self.metrics.received(Queue::Sightings, received);
-        Ok(())
+        self.commit_queue(Queue::Imports, batch.imports, batch.imports_parked)?;
+        self.commit_queue(Queue::Sightings, batch.sightings, batch.parked)
     }
 
-    /// The import outbox has the sighting outbox's limit (`bridge.sighting_queue_limit`):
-    /// Threat Bus cannot be paused either, so beyond it every drop is counted and logged.
-    fn commit_imports(
+    /// Writes one queue's part of the burst. Both outboxes fed from Threat Bus share
+    /// `bridge.sighting_queue_limit`: Threat Bus cannot be paused, so beyond it every drop
+    /// is counted and logged.
+    fn commit_queue(
         &self,
-        mut imports: Vec<Vec<u8>>,
+        queue: Queue,
+        mut items: Vec<Vec<u8>>,
         parked: Vec<(Vec<u8>, String)>,
     ) -> Result<(), StoreError> {
-        let room = self
-            .sighting_limit
-            .saturating_sub(self.store.len(Queue::Imports)) as usize;
-        if imports.len() > room {
-            let dropped = imports.split_off(room);
-            self.metrics.imports.dropped.add(dropped.len() as u64);
-            for indicator in &dropped {
-                tracing::error!(
-                    limit = self.sighting_limit,
-                    indicator = %String::from_utf8_lossy(indicator),
-                    "import outbox full: indicator from Threat Bus DROPPED"
-                );
+        let counters = self.metrics.queue(queue);
+        let room = self.sighting_limit.saturating_sub(self.store.len(queue)) as usize;
+        if items.len() > room {
+            let dropped = items.split_off(room);
+            counters.dropped.add(dropped.len() as u64);
+            for item in &dropped {
+                let item = String::from_utf8_lossy(item);
+                let limit = self.sighting_limit;
+                match queue {
+                    Queue::Imports => tracing::error!(
+                        limit,
+                        indicator = %item,
+                        "import outbox full: indicator from Threat Bus DROPPED"
+                    ),
+                    _ => tracing::error!(
+                        limit,
+                        sighting = %item,
+                        "sighting outbox full: sighting DROPPED"
+                    ),
+                }
             }
         }
-        if imports.is_empty() && parked.is_empty() {
+        if items.is_empty() && parked.is_empty() {
             return Ok(());
         }
-        let received = imports.len() as u64;
-        self.metrics.imports.dead.add(parked.len() as u64);
+        let received = items.len() as u64;
+        counters.dead.add(parked.len() as u64);
         let commit = Commit {
-            items: imports,
+            items,
             parked,
             ..Commit::default()
         };
-        let _durable = self.store.commit(Queue::Imports, commit)?;
-        self.metrics.received(Queue::Imports, received);
+        let _durable = self.store.commit(queue, commit)?;
+        self.metrics.received(queue, received);
         Ok(())
     }
 }

@@ -50,10 +50,11 @@ pub struct CatalogEntry {
     pub body: Vec<u8>,
 }
 
-/// The leading field of a [`CatalogEntry`]: bincode reads it without the body.
+/// The leading fields of a [`CatalogEntry`]: bincode reads them without the body.
 #[derive(Deserialize)]
 struct EntryHead {
     operation: Forwarded,
+    modified_ms: i64,
 }
 
 /// A change to the catalog, handed to [`Store::commit`](super::Store::commit) with the
@@ -184,6 +185,22 @@ impl Store {
 
     /// The catalog entry of `stix_id`, active or not.
     pub fn catalog_get(&self, stix_id: &str) -> Result<Option<CatalogEntry>, StoreError> {
+        self.catalog_read(stix_id)
+    }
+
+    /// The `modified` (ms) of the last version queued for `stix_id`, tombstones included,
+    /// read without copying the body: the intake asks this of every indicator echo.
+    pub fn catalog_modified(&self, stix_id: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .catalog_read::<EntryHead>(stix_id)?
+            .map(|head| head.modified_ms))
+    }
+
+    /// The record of `stix_id` decoded as `T` (the whole entry, or its leading fields).
+    fn catalog_read<T: serde::de::DeserializeOwned>(
+        &self,
+        stix_id: &str,
+    ) -> Result<Option<T>, StoreError> {
         match self.tree.get(catalog_key(stix_id))? {
             Some(raw) => decode(&raw)
                 .map(Some)
