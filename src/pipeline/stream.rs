@@ -604,42 +604,41 @@ impl StreamReader {
             // sled's I/O threads), for at most `linger` of extra latency.
             let next = match stream.next().now_or_never() {
                 Some(next) => next,
-                None if batch.linger_until(self.config.linger).is_some() => {
-                    let deadline = batch
-                        .linger_until(self.config.linger)
-                        .unwrap_or_else(tokio::time::Instant::now);
-                    let waited = tokio::select! {
-                        _ = shutdown.wait_for(|s| *s) => {
-                            self.commit(&mut batch)?;
-                            return Ok(Outcome::Shutdown);
+                None => match batch.linger_until(self.config.linger) {
+                    Some(deadline) => {
+                        let waited = tokio::select! {
+                            _ = shutdown.wait_for(|s| *s) => {
+                                self.commit(&mut batch)?;
+                                return Ok(Outcome::Shutdown);
+                            }
+                            next = tokio::time::timeout_at(deadline, stream.next()) => next,
+                        };
+                        match waited {
+                            Ok(next) => next,
+                            // Time is up: the next turn commits the batch and waits.
+                            Err(_) => continue,
                         }
-                        next = tokio::time::timeout_at(deadline, stream.next()) => next,
-                    };
-                    match waited {
-                        Ok(next) => next,
-                        // Time is up: the next turn commits the batch and waits.
-                        Err(_) => continue,
                     }
-                }
-                None => {
-                    self.commit(&mut batch)?;
-                    self.wait_for_room(shutdown).await;
-                    let timeout = self.config.stream_timeout;
-                    let waited = tokio::select! {
-                        _ = shutdown.wait_for(|s| *s) => return Ok(Outcome::Shutdown),
-                        request = next_request(&mut self.connector_state.requests) => Err(request),
-                        next = tokio::time::timeout(timeout, stream.next()) => Ok(next),
-                    };
-                    match waited {
-                        // The batch was committed before waiting.
-                        Err(request) => match self.plan(request) {
-                            Some(target) => return Ok(Outcome::Restart(target)),
-                            None => continue,
-                        },
-                        Ok(Ok(next)) => next,
-                        Ok(Err(_)) => return Ok(Outcome::Silent),
+                    None => {
+                        self.commit(&mut batch)?;
+                        self.wait_for_room(shutdown).await;
+                        let timeout = self.config.stream_timeout;
+                        let waited = tokio::select! {
+                            _ = shutdown.wait_for(|s| *s) => return Ok(Outcome::Shutdown),
+                            request = next_request(&mut self.connector_state.requests) => Err(request),
+                            next = tokio::time::timeout(timeout, stream.next()) => Ok(next),
+                        };
+                        match waited {
+                            // The batch was committed before waiting.
+                            Err(request) => match self.plan(request) {
+                                Some(target) => return Ok(Outcome::Restart(target)),
+                                None => continue,
+                            },
+                            Ok(Ok(next)) => next,
+                            Ok(Err(_)) => return Ok(Outcome::Silent),
+                        }
                     }
-                }
+                },
             };
             let event = match next {
                 Some(Ok(event)) => event,
