@@ -174,16 +174,7 @@ fn outage() {
     .set("BRIDGE_RETRY_INITIAL_MS", "500")
     .set("BRIDGE_RETRY_MAX_MS", "60000");
     let mut bridge = Bridge::start(env);
-    bus.wait_subscribers(1, Duration::from_secs(30));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while graphql.organizations().is_empty() {
-        assert!(
-            bridge.running() && Instant::now() < deadline,
-            "the bridge did not resolve its organization:\n{}",
-            bridge.log_tail(40)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_ready(&mut bridge, &bus, &graphql);
     server.set_down(true);
     for _ in 0..OUTAGE_BACKLOG {
         bus.publish_sighting(&sample_sighting(INDICATOR).to_string());
@@ -312,18 +303,7 @@ fn bridge(case: &Case) -> BridgeRun {
     .set("CONNECTOR_LOG_LEVEL", "info")
     .set("BRIDGE_OPENCTI_CONCURRENCY", case.concurrency.to_string());
     let mut bridge = Bridge::start(env);
-    // Subscribed, with its SUB connected (nothing published from now on is lost) …
-    bus.wait_subscribers(1, Duration::from_secs(30));
-    // … and the organization resolved (the drainer forwards from then on).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while graphql.organizations().is_empty() {
-        assert!(
-            bridge.running() && Instant::now() < deadline,
-            "the bridge did not resolve its organization:\n{}",
-            bridge.log_tail(40)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_ready(&mut bridge, &bus, &graphql);
     let sightings: Vec<String> = (0..case.sightings)
         .map(|_| sample_sighting(INDICATOR).to_string())
         .collect();
@@ -371,6 +351,21 @@ fn bridge(case: &Case) -> BridgeRun {
         first,
         posts,
         cpu_per_sighting: cpu / case.sightings as u32,
+    }
+}
+
+/// Waits until the bridge is subscribed, with its SUB connected (nothing published from
+/// now on is lost), and has resolved its organization (the drainer forwards from then on).
+fn wait_ready(bridge: &mut Bridge, bus: &FakeBus, graphql: &GraphqlDouble) {
+    bus.wait_subscribers(1, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while graphql.organizations().is_empty() {
+        assert!(
+            bridge.running() && Instant::now() < deadline,
+            "the bridge did not resolve its organization:\n{}",
+            bridge.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

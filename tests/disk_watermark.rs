@@ -9,17 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opencti_threatbus::admin::Status;
-use opencti_threatbus::config::Secret;
 use opencti_threatbus::metrics::Metrics;
-use opencti_threatbus::opencti::{StreamClient, StreamConfig};
-use opencti_threatbus::pipeline::stream::{ReaderConfig, StreamReader};
-use opencti_threatbus::retry::RetryPolicy;
+use opencti_threatbus::pipeline::stream::StreamReader;
 use opencti_threatbus::store::disk_space::DiskSpace;
 use opencti_threatbus::store::{Queue, Store, StoreOptions};
 use support::opencti::{Indicator, OpenCti};
+use support::reader::{reader_config, stream_client, TOKEN};
 use tokio::sync::watch;
-
-const TOKEN: &str = "t0ken-for-the-double";
 
 #[tokio::test]
 async fn a_disk_below_the_watermark_keeps_the_reader_from_connecting() {
@@ -32,33 +28,8 @@ async fn a_disk_below_the_watermark_keeps_the_reader_from_connecting() {
     let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).unwrap());
     let metrics = Arc::new(Metrics::default());
     let status = Arc::new(Status::default());
-    let client = StreamClient::new(&StreamConfig {
-        base_url: double.base_url(),
-        token: Secret::new(TOKEN),
-        live_stream_id: Some("live".into()),
-        listen_delete: true,
-        no_dependencies: true,
-        with_inferences: false,
-        ssl_verify: true,
-    })
-    .unwrap();
-    let config = ReaderConfig {
-        forward_all_iocs: false,
-        indicator_limit: 1_000,
-        stream_timeout: Duration::from_secs(30),
-        live: true,
-        first_start_from: "0-0".into(),
-        first_start_recover: None,
-        retry: RetryPolicy {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-            multiplier: 2.0,
-        },
-        auth_retry: Duration::from_millis(400),
-        // As the daemon: bridge.flush_interval_ms.
-        linger: Duration::from_millis(10),
-        record_catalog: true,
-    };
+    let client = stream_client(&double);
+    let config = reader_config(1_000);
     // More free space than any disk has: always below the watermark.
     let disk = Arc::new(DiskSpace::new(dir.path(), u64::MAX));
     let reader = StreamReader::new(

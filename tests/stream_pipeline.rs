@@ -7,17 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opencti_threatbus::admin::Status;
-use opencti_threatbus::config::Secret;
 use opencti_threatbus::metrics::Metrics;
-use opencti_threatbus::opencti::{StreamClient, StreamConfig};
 use opencti_threatbus::pipeline::stream::{ReaderConfig, StreamReader};
-use opencti_threatbus::retry::RetryPolicy;
 use opencti_threatbus::store::{Queue, Store, StoreOptions};
 use serde_json::Value;
 use support::opencti::{organization, tlp_marking, Indicator, OpenCti, Then};
+use support::reader::{reader_config, stream_client, TOKEN};
 use tokio::sync::watch;
 
-const TOKEN: &str = "t0ken-for-the-double";
 const WAIT: Duration = Duration::from_secs(15);
 
 struct Running {
@@ -28,42 +25,13 @@ struct Running {
     _dir: tempfile::TempDir,
 }
 
-fn reader_config(limit: u64) -> ReaderConfig {
-    ReaderConfig {
-        forward_all_iocs: false,
-        indicator_limit: limit,
-        stream_timeout: Duration::from_secs(30),
-        live: true,
-        first_start_from: "0-0".into(),
-        first_start_recover: None,
-        retry: RetryPolicy {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-            multiplier: 2.0,
-        },
-        auth_retry: Duration::from_millis(400),
-        // As the daemon: bridge.flush_interval_ms.
-        linger: Duration::from_millis(10),
-        record_catalog: true,
-    }
-}
-
 fn start(double: &OpenCti, config: ReaderConfig, prepare: impl FnOnce(&Store)) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     prepare(&store);
     let store = Arc::new(store);
     let metrics = Arc::new(Metrics::default());
-    let client = StreamClient::new(&StreamConfig {
-        base_url: double.base_url(),
-        token: Secret::new(TOKEN),
-        live_stream_id: Some("live".into()),
-        listen_delete: true,
-        no_dependencies: true,
-        with_inferences: false,
-        ssl_verify: true,
-    })
-    .unwrap();
+    let client = stream_client(double);
     let reader = StreamReader::new(
         client,
         Arc::clone(&store),

@@ -7,5 +7,6 @@ pub mod fakebus;
 pub mod opencti;
 pub mod opencti_graphql;
 pub mod proxy;
+pub mod reader;
 pub mod threatbus;
 pub mod world;
