@@ -24,8 +24,9 @@ use crate::opencti::stream::{
 };
 use crate::retry::Backoff;
 use crate::stix::{self, StreamAction};
+use crate::store::catalog::update_for_indicator;
 use crate::store::disk_space::{DiskSpace, Room};
-use crate::store::{Commit, Queue, Store, StoreError};
+use crate::store::{CatalogUpdate, Commit, Queue, Store, StoreError};
 
 /// Events committed together at most: bounds the work lost to a crash mid-burst and the
 /// memory of one batch, while keeping store writes rare on a busy stream.
@@ -58,6 +59,11 @@ pub struct ReaderConfig {
     /// daemon uses `bridge.flush_interval_ms`: the same bound on how long a write waits to
     /// become durable); zero commits before every wait.
     pub linger: Duration,
+    /// Record each forwarded indicator in the catalog. Always true in the daemon (snapshot
+    /// answers, reconciliation and import's echo check need it); false only where a
+    /// benchmark measures what the catalog costs.
+    #[doc(hidden)]
+    pub record_catalog: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +139,8 @@ struct Batch {
     events: usize,
     items: Vec<Vec<u8>>,
     parked: Vec<(Vec<u8>, String)>,
+    /// What the items change in the indicator catalog: written with them.
+    catalog: Vec<CatalogUpdate>,
     position: Option<String>,
     /// When the batch's first event was taken: it is committed at most `linger` later.
     started: Option<tokio::time::Instant>,
@@ -754,9 +762,14 @@ impl StreamReader {
             }
             StreamAction::Publish(objects) => {
                 for object in objects {
-                    batch
-                        .items
-                        .push(serde_json::to_vec(&object).unwrap_or_default());
+                    let body = serde_json::to_vec(&object).unwrap_or_default();
+                    // Always keyable: `stix` validated id and `modified` before publishing.
+                    if self.config.record_catalog {
+                        if let Some(update) = update_for_indicator(&object, body.clone()) {
+                            batch.catalog.push(update);
+                        }
+                    }
+                    batch.items.push(body);
                 }
             }
             StreamAction::NeedsFullIndicator { stix_id, .. } => {
@@ -831,6 +844,7 @@ impl StreamReader {
         let commit = Commit {
             items: batch.items,
             parked: batch.parked,
+            catalog: batch.catalog,
             position: batch.position,
         };
         let _durable = self.store.commit(Queue::Indicators, commit)?;
