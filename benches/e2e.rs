@@ -22,6 +22,10 @@
 //!    the counting app. A second SSE client on the double measures the double's own share,
 //!    and the bridge's CPU time and thread switches per indicator are read from `/proc`.
 //!
+//! `cargo bench --bench e2e -- latency` runs only the 500/s latency run (section 3), and
+//! `E2E_PERF=<file>` records the bridge's CPU profile during it (`perf record -g`; read it
+//! with `perf report -i <file>`): where the CPU time per indicator goes.
+//!
 //! Rates are "first → last arrival at the counting app" for both the baseline and the
 //! bridge (the steady relay rate, start-up excluded), and also "from the start" (baseline:
 //! first send; bridge: process spawn). Figures, not assertions: Threat Bus (Python, one
@@ -140,6 +144,18 @@ fn main() {
     );
     println!();
 
+    if std::env::args().any(|a| a == "latency") {
+        println!("--- 3. latency at 500/s only (`-- latency`) ---");
+        let (rate, count) = PACES[0];
+        let bridge = bridge_paced(&opencti, rate, count, N);
+        println!(
+            "bridge at {rate}/s: CPU {:.0} µs and {:.1} thread switches per indicator, p99 {}",
+            bridge.cpu_per_message.as_secs_f64() * 1e6,
+            bridge.switches_per_message,
+            ms(bridge.latency.percentiles.p99)
+        );
+        return;
+    }
     println!("--- 1 + 2. throughput: {N} indicators, baseline then bridge, {ROUNDS} rounds ---");
     let mut rounds = Vec::new();
     for round in 1..=ROUNDS {
@@ -524,10 +540,32 @@ fn bridge_paced(opencti: &OpenCti, rate: u64, count: usize, first_ip: usize) -> 
     let pid = bridge.pid().expect("the bridge runs");
     let threads = Threads::of(pid);
     let (bus_cpu, bridge_cpu) = (Cpu::start(bus.pid()), Cpu::start(Some(pid)));
+    let profiler = std::env::var("E2E_PERF").ok().map(|out| {
+        std::process::Command::new("perf")
+            .args([
+                "record",
+                "-g",
+                "-F",
+                "1999",
+                "-o",
+                &out,
+                "-p",
+                &pid.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf record (E2E_PERF)")
+    });
     let stamps = paced(rate, count, |i| {
         opencti.append_indicator_create(&batch[i]);
     });
     wait_arrivals(&mut bridge, &counter, count);
+    if let Some(mut profiler) = profiler {
+        // SIGINT: perf writes its file and exits.
+        unsafe { libc::kill(profiler.id() as i32, libc::SIGINT) };
+        let _ = profiler.wait();
+    }
     let (bus_cpu, bridge_cpu) = (bus_cpu.percent(), bridge_cpu.percent());
     let threads = Threads::of(pid).since(&threads);
     let drained = wait_drained(&bridge, stamps[0]);

@@ -19,7 +19,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use opencti_threatbus::store::catalog::update_for_indicator;
+use opencti_threatbus::store::catalog::update_for_payload;
 use opencti_threatbus::store::{Commit, Queue, Store, StoreOptions};
 use serde_json::Value;
 use support::bridge::{Bridge, BridgeEnv};
@@ -103,22 +103,25 @@ fn fill_catalog(data_dir: &Path, position: &str) {
     for start in (0..N).step_by(500) {
         let mut commit = Commit::default();
         for n in start..(start + 500).min(N) {
-            let value = indicator(n);
-            let body = serde_json::to_vec(&value).expect("json");
             commit
-                .catalog
-                .extend(update_for_indicator(&value, body.clone()));
-            commit.items.push(body);
+                .items
+                .push(serde_json::to_vec(&indicator(n)).expect("json"));
         }
         drop(store.commit(Queue::Indicators, commit).expect("commit"));
+        // Told and delivered, as the drainer does.
+        let queued = store.scan(Queue::Indicators, None, N).expect("scan");
+        let keys: Vec<u64> = queued.iter().map(|i| i.key).collect();
+        let told = queued
+            .into_iter()
+            .filter_map(|item| {
+                let update =
+                    update_for_payload(&item.envelope.payload, item.envelope.received_at_ms)?;
+                Some((item.key, update))
+            })
+            .collect();
+        store.record_told(told).expect("record");
+        store.ack_many(Queue::Indicators, &keys).expect("ack");
     }
-    let keys: Vec<u64> = store
-        .scan(Queue::Indicators, None, N)
-        .expect("scan")
-        .iter()
-        .map(|i| i.key)
-        .collect();
-    store.ack_many(Queue::Indicators, &keys).expect("ack");
     drop(store.set_position(position).expect("position"));
     let active = store.catalog_size().active;
     assert_eq!(active, N as u64, "every indicator active in the catalog");

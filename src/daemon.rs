@@ -517,7 +517,6 @@ fn reader_config(config: &Config) -> ReaderConfig {
         retry: RetryPolicy::probe(&config.bridge),
         auth_retry: DEFAULT_AUTH_RETRY,
         linger: config.bridge.flush_interval,
-        record_catalog: true,
     }
 }
 

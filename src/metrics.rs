@@ -211,6 +211,9 @@ pub struct Metrics {
     pub reconcile_checked: Counter,
     /// `REMOVE`s queued by reconciliation for indicators OpenCTI no longer has.
     pub reconcile_removed: Counter,
+    /// Reconciliation `REMOVE`s not sent: the stream changed the indicator after the
+    /// lookup (its newer word wins).
+    pub reconcile_overtaken: Counter,
     /// Imported indicators that added nothing to what OpenCTI holds (no write).
     pub imports_unchanged: Counter,
     /// Indicators from Threat Bus not imported: the bridge's own echoes, `REMOVE`s,
@@ -244,6 +247,7 @@ impl Default for Metrics {
             reconcile_runs: Counter::default(),
             reconcile_checked: Counter::default(),
             reconcile_removed: Counter::default(),
+            reconcile_overtaken: Counter::default(),
             imports_unchanged: Counter::default(),
             imports_skipped: Counter::default(),
             store_rebuilds: Counter::default(),
@@ -448,6 +452,11 @@ impl Metrics {
                 "reconcile_removed",
                 "REMOVEs queued for indicators OpenCTI deleted, revoked, merged or no longer detects",
                 &self.reconcile_removed,
+            ),
+            (
+                "reconcile_overtaken",
+                "Reconciliation REMOVEs not sent: the stream changed the indicator after the lookup",
+                &self.reconcile_overtaken,
             ),
             (
                 "imports_unchanged",

@@ -22,8 +22,9 @@ enum Op {
         queue: Queue,
     },
     SetPosition,
-    /// What the stream reader writes: indicator items, each with its catalog change (one of
-    /// a few ids, so that ids repeat within and across batches), and maybe a position.
+    /// What the stream reader writes: indicator items and maybe a position; then what the
+    /// drainer records when it tells them: each one's catalog change (one of a few ids, so
+    /// that ids repeat within and across batches).
     Forward {
         changes: Vec<(usize, Forwarded)>,
         position: bool,
@@ -243,6 +244,7 @@ fn apply(slot: &mut Option<Store>, model: &mut Model, op: &Op, dir: &std::path::
                     stix_id: format!("indicator--{id}"),
                     operation,
                     modified_ms: model.counter as i64,
+                    recorded_at_ms: model.counter,
                     body: body.clone(),
                 });
                 items.push(body);
@@ -250,15 +252,17 @@ fn apply(slot: &mut Option<Store>, model: &mut Model, op: &Op, dir: &std::path::
             let pos = position.then(|| format!("{}-0", model.counter));
             let commit = Commit {
                 items: items.clone(),
-                catalog: catalog.clone(),
                 position: pos.clone(),
                 ..Commit::default()
             };
+            let first = store.next_key(Queue::Indicators);
             store
                 .commit(Queue::Indicators, commit)
                 .unwrap()
                 .wait_blocking()
                 .unwrap();
+            let told = (first..).zip(catalog.iter().cloned()).collect();
+            assert!(store.record_told(told).unwrap().dropped.is_empty());
             for p in items {
                 model.push(Queue::Indicators, new_item(p));
             }

@@ -239,87 +239,209 @@ fn the_daemon_upgrades_a_version_1_store_and_delivers_what_it_held() {
     assert_eq!(bridge.queued("dead"), 1);
 }
 
-/// A version-2 store (the catalog, no import queue) with items queued, written by the
-/// store code as version 2 wrote it (version 3 adds keys only, so the bytes are the same
-/// but for the version record), is upgraded in place and keeps everything.
-#[test]
-fn a_version_2_store_is_upgraded_to_3_and_keeps_its_items_and_catalog() {
-    use opencti_threatbus::store::catalog::update_for_payload;
-    use opencti_threatbus::store::Commit;
-    let dir = tempfile::tempdir().unwrap();
-    let queued = vec![
-        indicator(A, "2024-01-02T03:04:05.000Z", None),
-        indicator(B, "2024-01-02T03:04:06.000Z", Some("EDIT")),
-    ];
-    {
-        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        let items: Vec<Vec<u8>> = queued.iter().map(|v| v.to_string().into_bytes()).collect();
-        let catalog = items.iter().filter_map(|i| update_for_payload(i)).collect();
-        let commit = Commit {
-            items,
-            catalog,
-            position: Some("1709287215731-0".into()),
-            ..Commit::default()
-        };
-        store
-            .commit(Queue::Indicators, commit)
-            .unwrap()
-            .wait_blocking()
+/// `CatalogEntry` of formats 2 and 3 (`operation`: 0 create, 1 EDIT, 2 REMOVE).
+#[derive(Serialize)]
+struct CatalogEntryV2 {
+    operation: u32,
+    modified_ms: i64,
+    recorded_at_ms: u64,
+    body: Vec<u8>,
+}
+
+fn catalog_key(id: &str) -> Vec<u8> {
+    let mut key = vec![0x04];
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// The catalog record format 2 and 3 wrote for an indicator as queued.
+fn catalog_entry(value: &Value) -> Vec<u8> {
+    let operation = match value["x_threatbus_update"].as_str() {
+        None => 0,
+        Some("EDIT") => 1,
+        Some(_) => 2,
+    };
+    let modified = value["modified"].as_str().unwrap();
+    let modified_ms = chrono_free_millis(modified);
+    bincode::serialize(&CatalogEntryV2 {
+        operation,
+        modified_ms,
+        recorded_at_ms: 1_700_000_000_000,
+        body: if operation == 2 {
+            Vec::new()
+        } else {
+            value.to_string().into_bytes()
+        },
+    })
+    .unwrap()
+}
+
+/// Milliseconds of the `2024-01-0DTHH:MM:SS.000Z` times used here.
+fn chrono_free_millis(time: &str) -> i64 {
+    let day: i64 = time[8..10].parse().unwrap();
+    let (h, m, s): (i64, i64, i64) = (
+        time[11..13].parse().unwrap(),
+        time[14..16].parse().unwrap(),
+        time[17..19].parse().unwrap(),
+    );
+    // 2024-01-01T00:00:00Z
+    1_704_067_200_000 + (((day - 1) * 24 + h) * 60 + m) * 60_000 + s * 1000
+}
+
+/// Writes a store of `version` (2 or 3: the same records, 3 adds a queue this test leaves
+/// empty) as those versions wrote it: `queued` indicators with their catalog entries
+/// (written with them), `delivered` ones only in the catalog, a sighting, a dead letter
+/// and the position.
+fn write_v2_store(data_dir: &Path, version: u32, queued: &[Value], delivered: &[Value]) {
+    let db = sled::open(data_dir.join("store")).unwrap();
+    let tree = db.open_tree("outbox").unwrap();
+    tree.insert(b"\x00format_version", &version.to_be_bytes())
+        .unwrap();
+    tree.insert(b"\x00stream_position", b"1709287215731-0".as_slice())
+        .unwrap();
+    for value in delivered.iter().chain(queued) {
+        tree.insert(
+            catalog_key(value["id"].as_str().unwrap()),
+            catalog_entry(value),
+        )
+        .unwrap();
+    }
+    for (seq, value) in queued.iter().enumerate() {
+        tree.insert(key(0x01, 7 + seq as u64), envelope(value, 0))
             .unwrap();
-        let sighting = json!({"type": "sighting", "id": "sighting--1"}).to_string();
-        drop(
-            store
-                .enqueue(Queue::Sightings, vec![sighting.into_bytes()], None)
-                .unwrap(),
+    }
+    let sighting = json!({"type": "sighting", "id": "sighting--1"});
+    tree.insert(key(0x02, 0), envelope(&sighting, 0)).unwrap();
+    let dead = DeadLetterV1 {
+        queue: 1,
+        original_key: None,
+        dead_at_ms: 1_700_000_000_000,
+        reason: "invalid".to_owned(),
+        envelope: EnvelopeV1 {
+            received_at_ms: 1_700_000_000_000,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+            payload: b"bad".to_vec(),
+        },
+    };
+    tree.insert(key(0x03, 0), bincode::serialize(&dead).unwrap())
+        .unwrap();
+    db.flush().unwrap();
+}
+
+/// Stores of versions 2 and 3 (the catalog written with the queue) are upgraded in place
+/// and keep everything: items, keys, the catalog of delivered and queued indicators.
+#[test]
+fn version_2_and_3_stores_are_upgraded_and_keep_their_items_and_catalog() {
+    for version in [2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let queued = vec![
+            indicator(A, "2024-01-02T03:04:05.000Z", None),
+            indicator(B, "2024-01-02T03:04:06.000Z", Some("EDIT")),
+        ];
+        let delivered = vec![indicator(C, "2024-01-01T00:00:00.000Z", None)];
+        write_v2_store(dir.path(), version, &queued, &delivered);
+        std::thread::sleep(Duration::from_millis(300));
+
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(store.format_found(), version);
+        assert_eq!(
+            store.position().unwrap().as_deref(),
+            Some("1709287215731-0")
         );
+        let items = store.scan(Queue::Indicators, None, 10).unwrap();
+        let payloads: Vec<Value> = items
+            .iter()
+            .map(|i| serde_json::from_slice(&i.envelope.payload).unwrap())
+            .collect();
+        assert_eq!(payloads, queued);
+        assert_eq!(items[0].key, 7);
+        assert_eq!(store.len(Queue::Sightings), 1);
+        assert_eq!(store.dead_len(), 1);
+        assert_eq!(store.len(Queue::Imports), 0);
+        let size = store.catalog_size();
+        assert_eq!((size.active, size.total), (3, 3), "version {version}");
+        let c = store.catalog_get(C).unwrap().unwrap();
+        assert_eq!(c.body, delivered[0].to_string().into_bytes());
+        assert_eq!(
+            c.modified_ms,
+            chrono_free_millis("2024-01-01T00:00:00.000Z")
+        );
+        // The new queue works next to the old ones.
         drop(
             store
-                .park(Queue::Sightings, b"bad".to_vec(), "invalid".into())
+                .enqueue(Queue::Imports, vec![b"{}".to_vec()], None)
                 .unwrap(),
         );
         store.close().unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(store.format_found(), CURRENT_FORMAT);
+        assert_eq!(
+            (store.len(Queue::Indicators), store.len(Queue::Imports)),
+            (2, 1)
+        );
     }
-    std::thread::sleep(Duration::from_millis(300));
-    {
-        let db = sled::open(dir.path().join("store")).unwrap();
-        let tree = db.open_tree("outbox").unwrap();
-        tree.insert(b"\x00format_version", &2u32.to_be_bytes())
-            .unwrap();
-        db.flush().unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(300));
+}
 
-    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-    assert_eq!(store.format_found(), 2);
-    assert_eq!(
-        store.position().unwrap().as_deref(),
-        Some("1709287215731-0")
-    );
-    let payloads: Vec<Value> = store
-        .scan(Queue::Indicators, None, 10)
-        .unwrap()
-        .iter()
-        .map(|i| serde_json::from_slice(&i.envelope.payload).unwrap())
+/// Through the daemon: a version-3 store whose catalog holds delivered indicators and the
+/// queued ones (as version 3 wrote them, with the queue). The new binary upgrades it,
+/// delivers every queued indicator, recording each again as it tells Threat Bus, and
+/// answers a snapshot request with the whole catalog: nothing of version 3 is lost.
+#[test]
+fn the_daemon_upgrades_a_version_3_store_and_keeps_its_catalog() {
+    let opencti = OpenCti::start_with_graphql(GraphqlDouble::new(TOKEN));
+    let bus = ThreatBus::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let new_id = || format!("indicator--{}", uuid::Uuid::new_v4());
+    let queued: Vec<Value> = (0..20)
+        .map(|i| indicator(&new_id(), &format!("2024-01-02T03:04:{i:02}.000Z"), None))
         .collect();
-    assert_eq!(payloads, queued);
-    assert_eq!(store.len(Queue::Sightings), 1);
-    assert_eq!(store.dead_len(), 1);
-    assert_eq!(store.len(Queue::Imports), 0);
-    let size = store.catalog_size();
-    assert_eq!((size.active, size.total), (2, 2));
-    // The new queue works next to the old ones.
-    drop(
-        store
-            .enqueue(Queue::Imports, vec![b"{}".to_vec()], None)
-            .unwrap(),
-    );
-    assert_eq!(store.len(Queue::Imports), 1);
-    store.close().unwrap();
-    drop(store);
-    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-    assert_eq!(store.format_found(), CURRENT_FORMAT);
-    assert_eq!(
-        (store.len(Queue::Indicators), store.len(Queue::Imports)),
-        (2, 1)
-    );
+    let delivered: Vec<Value> = (0..10)
+        .map(|i| indicator(&new_id(), &format!("2024-01-01T00:00:{i:02}.000Z"), None))
+        .collect();
+    write_v2_store(&data, 3, &queued, &delivered);
+    opencti.append_marking();
+
+    let app = TestApp::subscribe(bus.manage_port, &["stix2/indicator"]);
+    let mut bridge = Bridge::start(BridgeEnv::new(&opencti.base_url(), bus.manage_port, &data));
+    bridge.wait_healthy(WAIT);
+    let ids = |values: &[Value]| -> Vec<String> {
+        values
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let wanted = ids(&queued);
+    bridge.until("every queued indicator at the app", WAIT, || {
+        let got: Vec<String> = app
+            .received()
+            .iter()
+            .map(|(_, body)| support::threatbus::stix_id(body))
+            .collect();
+        wanted.iter().all(|id| got.contains(id))
+    });
+    bridge.until("the outbox to drain", WAIT, || {
+        bridge.queued("indicators") == 0
+    });
+    let report = bridge.inspect();
+    assert_eq!(report["format_version"], CURRENT_FORMAT);
+    assert_eq!(report["catalog"]["active"], 30, "{}", report["catalog"]);
+    assert_eq!(report["catalog"]["total"], 30, "{}", report["catalog"]);
+    assert!(bridge.log_text().contains("store upgraded"));
+    // A tool rejoining with a snapshot of every day gets delivered and queued ones alike.
+    let tool = TestApp::subscribe_with_snapshot(bus.manage_port, &["stix2/indicator"], 100_000);
+    let mut everything = ids(&delivered);
+    everything.extend(wanted);
+    bridge.until("the snapshot with the whole catalog", WAIT, || {
+        let got: Vec<String> = tool
+            .received()
+            .iter()
+            .map(|(_, body)| support::threatbus::stix_id(body))
+            .collect();
+        everything.iter().all(|id| got.contains(id))
+    });
 }

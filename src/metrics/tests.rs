@@ -99,6 +99,7 @@ fn series_of_the_catalog() -> BTreeSet<String> {
         "reconcile_runs_total",
         "reconcile_checked_total",
         "reconcile_removed_total",
+        "reconcile_overtaken_total",
         // Damaged stores rebuilt at start, and what they took with them.
         "store_rebuilds_total",
         "store_damage_lost_total",

@@ -28,7 +28,7 @@ use crate::opencti::graphql::{GraphqlClient, GraphqlError};
 use crate::opencti::indicator_lookup::LOOKUP_BATCH;
 use crate::retry::{Backoff, RetryPolicy};
 use crate::stix::reconcile::{removal_body, verdict};
-use crate::store::{CatalogEntry, Removal, Store, StoreError};
+use crate::store::{CatalogEntry, Queue, Removal, Store, StoreError};
 
 /// Store meta key of a pass still to run: the replay's start (ms since the epoch); catalog
 /// entries recorded before it were not refreshed by the replay. `0`: check them all.
@@ -37,6 +37,9 @@ pub const META_RECONCILE_PENDING: &str = "reconcile_pending";
 const CATALOG_PAGE: usize = 500;
 /// Removed ids listed in a report at most (the count is always complete).
 const REPORT_IDS: usize = 200;
+/// How often a pass waiting for the drainer looks again: it waits for Threat Bus, at
+/// hundreds of indicators per second, so a fraction of a second is soon enough.
+const TOLD_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct ReconcileConfig {
@@ -170,6 +173,9 @@ impl Reconciler {
             return Ok(Ended::Finished);
         };
         let cutoff = pending.parse::<u64>().ok().filter(|&ms| ms > 0);
+        if !self.wait_until_told(shutdown).await? {
+            return Ok(Ended::Shutdown);
+        }
         tracing::info!(
             replay_started_ms = cutoff,
             "replay finished: checking the active indicators it did not refresh against OpenCTI"
@@ -184,6 +190,37 @@ impl Reconciler {
             }
         }
         Ok(ended)
+    }
+
+    /// Waits until every indicator queued so far is in the catalog (the drainer records
+    /// them as it tells Threat Bus). Until then, what the replay refreshed still looks
+    /// stale, and each would be looked up in OpenCTI for nothing. Correctness does not
+    /// depend on it (a `REMOVE` the stream overtook is dropped at delivery); OpenCTI's
+    /// load after a large replay does. Returns false on shutdown.
+    async fn wait_until_told(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<bool, ReconcileError> {
+        let target = self.store.next_key(Queue::Indicators);
+        let mut said = false;
+        while !self.store.told_through(target)? {
+            if !said {
+                tracing::info!(
+                    queued = self.store.len(Queue::Indicators),
+                    "reconciliation waits until the replay's indicators have reached Threat Bus"
+                );
+                self.status.set(
+                    "reconcile",
+                    "waiting for the replay's indicators to reach Threat Bus",
+                );
+                said = true;
+            }
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return Ok(false),
+                _ = tokio::time::sleep(TOLD_POLL) => {}
+            }
+        }
+        Ok(true)
     }
 
     fn finish(&self, ended: &Ended, report: &ReconcileReport) {

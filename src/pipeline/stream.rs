@@ -24,9 +24,8 @@ use crate::opencti::stream::{
 };
 use crate::retry::Backoff;
 use crate::stix::{self, StreamAction};
-use crate::store::catalog::update_for_indicator;
-use crate::store::disk_space::{DiskSpace, Room};
-use crate::store::{CatalogUpdate, Commit, Queue, Store, StoreError};
+use crate::store::disk_space::{DiskSpace, Room, CATALOG_DISK_FACTOR};
+use crate::store::{Commit, Queue, Store, StoreError};
 
 /// Events committed together at most: bounds the work lost to a crash mid-burst and the
 /// memory of one batch, while keeping store writes rare on a busy stream.
@@ -59,11 +58,6 @@ pub struct ReaderConfig {
     /// daemon uses `bridge.flush_interval_ms`: the same bound on how long a write waits to
     /// become durable); zero commits before every wait.
     pub linger: Duration,
-    /// Record each forwarded indicator in the catalog. Always true in the daemon (snapshot
-    /// answers, reconciliation and import's echo check need it); false only where a
-    /// benchmark measures what the catalog costs.
-    #[doc(hidden)]
-    pub record_catalog: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +125,28 @@ pub struct StreamReader {
     /// The indicators queued when the reader last paused for disk space, while the disk
     /// stays low (see [`StreamReader::wait_for_disk`]).
     disk_cap: Option<u64>,
+    /// The mean size of the indicator items written, for the disk reserve of their catalog
+    /// entries (see [`crate::store::disk_space`]).
+    item_bytes: MeanItemBytes,
+}
+
+/// Until the reader has written anything: a typical indicator as the stream sends it
+/// (issue 8 measured 1.4 KiB; with the envelope's fields, rounded up).
+const DEFAULT_ITEM_BYTES: u64 = 2048;
+
+/// A running mean that follows the stream's recent items (each burst weighs 1/8), so a
+/// change in what OpenCTI sends shows within a few bursts.
+struct MeanItemBytes(u64);
+
+impl MeanItemBytes {
+    fn add_burst(&mut self, items: &[Vec<u8>]) {
+        if items.is_empty() {
+            return;
+        }
+        let total: usize = items.iter().map(Vec::len).sum();
+        let burst = (total / items.len()) as u64;
+        self.0 = (self.0 * 7 + burst) / 8;
+    }
 }
 
 /// What one burst of events adds to the store.
@@ -139,8 +155,6 @@ struct Batch {
     events: usize,
     items: Vec<Vec<u8>>,
     parked: Vec<(Vec<u8>, String)>,
-    /// What the items change in the indicator catalog: written with them.
-    catalog: Vec<CatalogUpdate>,
     position: Option<String>,
     /// When the batch's first event was taken: it is committed at most `linger` later.
     started: Option<tokio::time::Instant>,
@@ -183,6 +197,7 @@ impl StreamReader {
             connector_state,
             disk: None,
             disk_cap: None,
+            item_bytes: MeanItemBytes(DEFAULT_ITEM_BYTES),
         };
         // Decided now rather than at the first connection, so that the first ping already
         // shows the first start's recover date.
@@ -762,14 +777,9 @@ impl StreamReader {
             }
             StreamAction::Publish(objects) => {
                 for object in objects {
-                    let body = serde_json::to_vec(&object).unwrap_or_default();
-                    // Always keyable: `stix` validated id and `modified` before publishing.
-                    if self.config.record_catalog {
-                        if let Some(update) = update_for_indicator(&object, body.clone()) {
-                            batch.catalog.push(update);
-                        }
-                    }
-                    batch.items.push(body);
+                    batch
+                        .items
+                        .push(serde_json::to_vec(&object).unwrap_or_default());
                 }
             }
             StreamAction::NeedsFullIndicator { stix_id, .. } => {
@@ -838,13 +848,13 @@ impl StreamReader {
         }
         let batch = std::mem::take(batch);
         let queued = batch.items.len() as u64;
+        self.item_bytes.add_burst(&batch.items);
         let position = batch.position.clone();
         // Durability is not awaited here: the position is written with the items, so
         // whatever a crash loses is read again from the stream.
         let commit = Commit {
             items: batch.items,
             parked: batch.parked,
-            catalog: batch.catalog,
             position: batch.position,
         };
         let _durable = self.store.commit(Queue::Indicators, commit)?;
@@ -900,16 +910,26 @@ impl StreamReader {
     /// the pause (new items then fill space sled already has), and pauses again when it
     /// is back there. An outbox empty at the pause earns no such credit: something else
     /// fills the disk. Below the sighting floor, no credit at all.
+    ///
+    /// The free space compared is what is left after a reserve for the catalog entries the
+    /// queued indicators will take when delivered (format 4 writes them then): without it,
+    /// delivering a paused backlog filled the disk the reader had stopped short of.
     async fn wait_for_disk(&mut self, shutdown: &mut watch::Receiver<bool>) {
         let Some(disk) = self.disk.clone() else {
             return;
         };
         let queued = || self.store.len(Queue::Indicators);
+        let per_item = self.item_bytes.0 * CATALOG_DISK_FACTOR;
+        // Every check first renews the reserve: what is queued now still needs its entry.
+        let room_now = || {
+            disk.set_reserve(queued().saturating_mul(per_item));
+            disk.room_now()
+        };
         let low = |room: Room| match room {
             Room::Enough => None,
             Room::Low { free } | Room::Critical { free } => Some(free),
         };
-        let room = disk.room_now();
+        let room = room_now();
         let Some(free) = low(room) else {
             self.disk_cap = None;
             return;
@@ -932,7 +952,7 @@ impl StreamReader {
             if *shutdown.borrow() || request_pending() {
                 break;
             }
-            match disk.room_now() {
+            match room_now() {
                 Room::Enough => {
                     self.disk_cap = None;
                     break;

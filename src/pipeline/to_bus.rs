@@ -17,7 +17,8 @@ use crate::config::ConfirmDelivery;
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 use crate::stix::{indicator_echo_key, EchoKey};
-use crate::store::{Item, Queue, Store, StoreError};
+use crate::store::catalog::update_for_echo_key;
+use crate::store::{CatalogUpdate, Item, Queue, Store, StoreError};
 use crate::threatbus::{LinkState, Publisher};
 
 /// Topic the bridge publishes indicators on.
@@ -143,12 +144,23 @@ impl ToBus {
             }
             let before = self.cursor;
             let mut batch = Vec::with_capacity(items.len());
+            let mut told = Vec::with_capacity(items.len());
             for item in items {
                 self.cursor = Some(item.key);
-                match self.prepare(item)? {
-                    Some(inflight) => batch.push(inflight),
-                    None => continue,
+                if let Some((inflight, update)) = self.prepare(item)? {
+                    told.push((inflight.key, update));
+                    batch.push(inflight);
                 }
+            }
+            // Recorded before they are published: an echo must find its entry, or the
+            // intake would take it for another app's indicator.
+            let dropped = self.store.record_told(told)?.dropped;
+            if !dropped.is_empty() {
+                batch.retain(|inflight| !dropped.contains(&inflight.key));
+                self.metrics.reconcile_overtaken.add(dropped.len() as u64);
+            }
+            if batch.is_empty() {
+                continue;
             }
             let frames = batch.iter().map(|i| i.frame.clone()).collect();
             match self.link.publish(frames).await {
@@ -181,8 +193,9 @@ impl ToBus {
         self.inflight.is_empty() || self.config.window - self.inflight.len() >= refill
     }
 
-    /// Turns an outbox item into a frame, or dead-letters it if it cannot be confirmed.
-    fn prepare(&self, item: Item) -> Result<Option<InFlight>, StoreError> {
+    /// Turns an outbox item into a frame and its catalog entry, or dead-letters it if it
+    /// cannot be confirmed.
+    fn prepare(&self, item: Item) -> Result<Option<(InFlight, CatalogUpdate)>, StoreError> {
         let echo = serde_json::from_slice(&item.envelope.payload)
             .ok()
             .as_ref()
@@ -196,14 +209,17 @@ impl ToBus {
             self.metrics.indicators.dead.inc();
             return Ok(None);
         };
-        Ok(Some(InFlight {
+        let inflight = InFlight {
             key: item.key,
-            echo,
+            echo: echo.clone(),
             frame: format!("{INDICATOR_TOPIC} {json}"),
             attempts: item.envelope.attempts,
             received_at_ms: item.envelope.received_at_ms,
             sent_at: Instant::now(),
-        }))
+        };
+        let received_at_ms = item.envelope.received_at_ms;
+        let update = update_for_echo_key(echo, item.envelope.payload, received_at_ms);
+        Ok(Some((inflight, update)))
     }
 
     fn ack_all_sent(&mut self) -> Result<(), StoreError> {

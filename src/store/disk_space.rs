@@ -11,11 +11,18 @@
 //!   and counted, like beyond the queue limit: Threat Bus cannot be paused, and the
 //!   space left is kept for the drainers' own writes (acknowledgements are writes too).
 //!
+//! Since format 4 the catalog entry of an indicator is written when it is told to Threat
+//! Bus, not when it is queued: every queued indicator will still take disk space when it is
+//! delivered, although the reader has long paused. So both watermarks compare the free space
+//! *minus a reserve* for the catalog entries of what is queued ([`DiskSpace::set_reserve`],
+//! kept current by the stream reader; [`CATALOG_DISK_FACTOR`]), not the free space itself.
+//!
 //! Readings are cached for [`REFRESH`] for the metrics, health and the intake; the stream
 //! reader reads afresh between bursts (one `statvfs` per burst of up to 512 events), since
 //! it can fill tens of MB in one cached second (seen: 40 MB in under 2 s).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,6 +38,12 @@ pub const DEFAULT_MIN_FREE_MB: u64 = 256;
 /// delivery. A quarter keeps most of the headroom for sightings while leaving the last
 /// part to the drainers, whose acknowledgements free space.
 pub const SIGHTING_FLOOR_DIVISOR: u64 = 4;
+
+/// Disk bytes a catalog entry takes per byte of the queued item it comes from. The entry holds
+/// the object as sent (no more than the queued envelope), and sled's log needs about twice a
+/// value's size on disk: measured 1,966 B of disk per entry of 1 KiB items
+/// (`cargo bench --bench store`, catalog size). Overestimating only pauses the reader early.
+pub const CATALOG_DISK_FACTOR: u64 = 2;
 
 /// How long a reading is reused.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -57,7 +70,7 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 pub enum Room {
     /// At or above `min_free` (or the watermark is off, or free space cannot be read).
     Enough,
-    /// Below `min_free`: the stream reader pauses.
+    /// Below `min_free`: the stream reader pauses. `free` is what is left after the reserve.
     Low { free: u64 },
     /// Below the sighting floor too: sightings and imports are dropped.
     Critical { free: u64 },
@@ -67,6 +80,8 @@ pub enum Room {
 pub struct DiskSpace {
     dir: PathBuf,
     min_free: u64,
+    /// Bytes the catalog entries of the queued indicators will take (see the module doc).
+    reserve: AtomicU64,
     last: Mutex<Option<(Instant, Option<u64>)>>,
 }
 
@@ -76,12 +91,25 @@ impl DiskSpace {
         DiskSpace {
             dir: dir.into(),
             min_free,
+            reserve: AtomicU64::new(0),
             last: Mutex::new(None),
         }
     }
 
     pub fn min_free(&self) -> u64 {
         self.min_free
+    }
+
+    /// Keeps `bytes` out of the free space the watermarks see: what the queued indicators'
+    /// catalog entries will take once delivered. Set by the stream reader whenever it checks
+    /// the disk; between its checks the drainer only lowers the true need, so a stale value
+    /// errs on the safe side.
+    pub fn set_reserve(&self, bytes: u64) {
+        self.reserve.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn reserve(&self) -> u64 {
+        self.reserve.load(Ordering::Relaxed)
     }
 
     /// Below this, sightings and imports are dropped.
@@ -124,20 +152,33 @@ impl DiskSpace {
     }
 
     fn classify(&self, free: Option<u64>) -> Room {
-        match free {
+        if self.min_free == 0 {
+            return Room::Enough;
+        }
+        match free.map(|free| free.saturating_sub(self.reserve())) {
             Some(free) if free < self.sighting_floor() => Room::Critical { free },
             Some(free) if free < self.min_free => Room::Low { free },
             _ => Room::Enough,
         }
     }
 
-    /// The reader's status line while paused: `disk nearly full (N MB free < M MB)`.
+    /// The reader's status line while paused: `disk nearly full (N MB free < M MB)`, with
+    /// the reserve for the catalog said when there is one (`free` is after it).
     pub fn describe_low(&self, free: u64) -> String {
-        format!(
-            "disk nearly full ({} MB free < {} MB)",
-            free / crate::config::MB,
-            self.min_free / crate::config::MB
-        )
+        let mb = crate::config::MB;
+        match self.reserve() {
+            0 => format!(
+                "disk nearly full ({} MB free < {} MB)",
+                free / mb,
+                self.min_free / mb
+            ),
+            reserve => format!(
+                "disk nearly full ({} MB free after {} MB kept for the catalog entries of the queued indicators < {} MB)",
+                free / mb,
+                reserve.div_ceil(mb),
+                self.min_free / mb
+            ),
+        }
     }
 }
 
@@ -170,5 +211,27 @@ mod tests {
             low.sighting_floor(),
             low.min_free() / SIGHTING_FLOOR_DIVISOR
         );
+    }
+
+    #[test]
+    fn the_catalog_reserve_counts_as_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_bytes(dir.path()).unwrap();
+        // Comfortably above the watermark (a little free space may come and go meanwhile).
+        let disk = DiskSpace::new(dir.path(), free / 4);
+        assert_eq!(disk.room_now(), Room::Enough);
+        // The floor is free / 16: a reserve of 31/32 of the free space leaves less.
+        disk.set_reserve(free - free / 32);
+        let Room::Critical { free: left } = disk.room_now() else {
+            panic!("a reserve of 31/32 of the free space leaves less than the floor");
+        };
+        assert!(left < free / 16);
+        assert!(disk.describe_low(left).contains("kept for the catalog"));
+        disk.set_reserve(0);
+        assert_eq!(disk.room_now(), Room::Enough);
+        // Off means off, whatever is reserved.
+        let off = DiskSpace::new(dir.path(), 0);
+        off.set_reserve(u64::MAX);
+        assert_eq!(off.room_now(), Room::Enough);
     }
 }

@@ -49,10 +49,6 @@ pub enum StoreError {
     #[error("a stream position can only be stored with the indicator queue")]
     PositionOnSightings,
 
-    /// Only the indicator queue carries catalog changes (the catalog describes it).
-    #[error("catalog changes can only be stored with the indicator queue")]
-    CatalogOnSightings,
-
     /// The checkpoint file beside the store could not be written.
     #[error("writing the checkpoint file {path} failed: {source}")]
     Checkpoint {

@@ -9,7 +9,7 @@ use super::record::META_FORMAT_VERSION;
 use super::StoreError;
 
 /// The format this binary writes.
-pub const CURRENT_FORMAT: u32 = 3;
+pub const CURRENT_FORMAT: u32 = 4;
 
 /// One upgrade: turns a store at version `from` into version `from + 1`.
 struct Step {
@@ -28,6 +28,15 @@ const STEPS: &[Step] = &[
     // convert; the version bump is what keeps a format-2 binary from misreading them.
     Step {
         from: 2,
+        apply: |_| Ok(()),
+    },
+    // 4: the catalog is written at delivery; conditions of reconciliation REMOVEs
+    // (migrations/0004-catalog-at-delivery.md). A format-3 catalog already holds every
+    // queued indicator (written with it), which the drainer records again, identically,
+    // when it sends them: nothing to convert. The bump keeps a format-3 binary, which
+    // never records at delivery, from leaving the catalog behind.
+    Step {
+        from: 3,
         apply: |_| Ok(()),
     },
 ];

@@ -11,6 +11,7 @@ pub mod disk_space;
 mod error;
 mod migrate;
 mod record;
+mod removal;
 pub mod sidecar;
 mod watermark;
 
@@ -20,11 +21,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub use catalog::{CatalogEntry, CatalogSize, CatalogUpdate, Forwarded, Removal};
+pub use catalog::{CatalogEntry, CatalogSize, CatalogUpdate, Forwarded, Told};
 pub use commit::Durable;
 pub use error::StoreError;
 pub use migrate::CURRENT_FORMAT;
 pub use record::{now_ms, DeadItem, DeadLetter, Envelope, Item, Queue};
+pub use removal::Removal;
 pub use watermark::Resume;
 
 use catalog::CatalogCounts;
@@ -136,18 +138,20 @@ pub struct Store {
     imports: Range,
     dead: Range,
     catalog: CatalogCounts,
+    /// One past the newest outbox key this process recorded in the catalog.
+    told_through: AtomicU64,
     /// The resume point of each commit still holding undelivered indicators.
     watermarks: Mutex<Watermarks>,
 }
 
 /// One atomic write: items for a queue, items parked as dead letters on arrival (payload,
-/// reason), catalog changes and the new stream position (the last two only with the
-/// indicator queue). Empty parts are left out.
+/// reason) and the new stream position (only with the indicator queue). Empty parts are
+/// left out. The indicator catalog is not part of it: the drainer records an indicator
+/// when it tells Threat Bus ([`Store::record_told`]).
 #[derive(Debug, Default)]
 pub struct Commit {
     pub items: Vec<Vec<u8>>,
     pub parked: Vec<(Vec<u8>, String)>,
-    pub catalog: Vec<CatalogUpdate>,
     pub position: Option<String>,
 }
 
@@ -189,10 +193,12 @@ impl Store {
             imports: Range::default(),
             dead: Range::default(),
             catalog: CatalogCounts::default(),
+            told_through: AtomicU64::new(0),
             watermarks: Mutex::default(),
         };
         store.count_all()?;
         store.catalog.count(&store.tree)?;
+        store.drop_stale_conditions()?;
         // Items queued before this open were read at or after the last checkpoint's
         // watermark; without one, only a full replay is sure to cover them.
         let carried = sidecar::read(data_dir)
@@ -235,43 +241,29 @@ impl Store {
     }
 
     /// The general write (the stream reader's and the intake's): everything in `commit`
-    /// in one atomic sled batch, so that after a crash the position, the catalog and the
-    /// outbox always agree.
+    /// in one atomic sled batch, so that after a crash the position and the outbox always
+    /// agree.
     pub fn commit(&self, queue: Queue, commit: Commit) -> Result<Durable, StoreError> {
-        let Commit {
-            items: payloads,
-            parked,
-            catalog,
-            position,
-        } = commit;
-        if queue != Queue::Indicators {
-            if position.is_some() {
-                return Err(StoreError::PositionOnSightings);
-            }
-            if !catalog.is_empty() {
-                return Err(StoreError::CatalogOnSightings);
-            }
+        if queue != Queue::Indicators && commit.position.is_some() {
+            return Err(StoreError::PositionOnSightings);
         }
         let _order = lock(&self.range(queue).write);
-        self.commit_locked(
-            queue,
-            Commit {
-                items: payloads,
-                parked,
-                catalog,
-                position,
-            },
-            now_ms(),
-        )
+        self.commit_locked(queue, commit, Vec::new(), now_ms())
     }
 
-    /// [`Store::commit`] once the queue's write lock is held (the caller may have read the
-    /// catalog under it, see [`Store::commit_removals`]).
-    fn commit_locked(&self, queue: Queue, commit: Commit, now: u64) -> Result<Durable, StoreError> {
+    /// [`Store::commit`] once the queue's write lock is held (the caller may have had to
+    /// know the items' keys: see [`Store::commit_removals`]); `extra` records go into the
+    /// same batch.
+    fn commit_locked(
+        &self,
+        queue: Queue,
+        commit: Commit,
+        extra: Vec<([u8; 9], Vec<u8>)>,
+        now: u64,
+    ) -> Result<Durable, StoreError> {
         let Commit {
             items: payloads,
             parked,
-            catalog,
             position,
         } = commit;
         let range = self.range(queue);
@@ -295,12 +287,13 @@ impl Store {
             };
             batch.insert(&item_key(TAG_DEAD, first_dead + i as u64), encode(&letter)?);
         }
-        let catalog_delta = catalog::stage(&self.tree, &mut batch, catalog, now)?;
+        for (key, value) in extra {
+            batch.insert(&key, value);
+        }
         if let Some(position) = &position {
             batch.insert(META_STREAM_POSITION, position.as_bytes());
         }
         self.tree.apply_batch(batch)?;
-        self.catalog.apply(&catalog_delta);
         if queue == Queue::Indicators && (items > 0 || position.is_some()) {
             let recover_until = self.meta(RECOVER_UNTIL_META)?;
             lock_watermarks(&self.watermarks).on_commit(
@@ -478,6 +471,11 @@ impl Store {
         self.arrivals[queue_index(queue)].notified()
     }
 
+    /// The key the next item queued in `queue` gets.
+    pub fn next_key(&self, queue: Queue) -> u64 {
+        self.range(queue).next_seq.load(Ordering::Relaxed)
+    }
+
     pub fn len(&self, queue: Queue) -> u64 {
         self.range(queue).len.load(Ordering::Relaxed)
     }
@@ -519,15 +517,20 @@ impl Store {
 
     /// Removes a delivered item. Returns false if it was not there (already acked).
     pub fn ack(&self, queue: Queue, key: u64) -> Result<bool, StoreError> {
-        let range = self.range(queue);
         let Some(old) = self.tree.remove(item_key(queue.tag(), key))? else {
             return Ok(false);
         };
+        self.forget_item(queue, &old);
+        Ok(true)
+    }
+
+    /// The counters' side of an item leaving its queue (`raw`: its record as it was).
+    fn forget_item(&self, queue: Queue, raw: &[u8]) {
+        let range = self.range(queue);
         range.len.fetch_sub(1, Ordering::Relaxed);
-        if decode::<EnvelopeHead>(&old).is_ok_and(|h| h.attempts > 0) {
+        if decode::<EnvelopeHead>(raw).is_ok_and(|h| h.attempts > 0) {
             range.retrying.fetch_sub(1, Ordering::Relaxed);
         }
-        Ok(true)
     }
 
     /// Removes several delivered items. Plain removes, not one batch: an ack needs no

@@ -13,6 +13,9 @@ pub(crate) const TAG_META: u8 = 0x00;
 pub(crate) const TAG_DEAD: u8 = 0x03;
 /// Tag of the indicator catalog (format 2): `0x04` + the STIX id.
 pub(crate) const TAG_CATALOG: u8 = 0x04;
+/// Tag of the conditions of reconciliation `REMOVE`s (format 4): `0x06` + the sequence
+/// number of the `REMOVE` in the indicator queue.
+pub(crate) const TAG_CONDITION: u8 = 0x06;
 
 pub(crate) const META_FORMAT_VERSION: &[u8] = b"\x00format_version";
 pub(crate) const META_STREAM_POSITION: &[u8] = b"\x00stream_position";
@@ -37,7 +40,7 @@ impl Queue {
         match self {
             Queue::Indicators => 0x01,
             Queue::Sightings => 0x02,
-            // 0x03 is the dead letters, 0x04 the catalog.
+            // 0x03 is the dead letters, 0x04 the catalog, 0x06 removal conditions.
             Queue::Imports => 0x05,
         }
     }

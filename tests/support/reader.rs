@@ -30,7 +30,6 @@ pub fn reader_config(limit: u64) -> ReaderConfig {
         auth_retry: Duration::from_millis(400),
         // As the daemon: bridge.flush_interval_ms.
         linger: Duration::from_millis(10),
-        record_catalog: true,
     }
 }
 
