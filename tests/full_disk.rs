@@ -270,19 +270,20 @@ fn pauses_before_the_disk_fills_and_resumes_by_itself() {
     assert_eq!(bridge.terminate(Duration::from_secs(10)), Some(0));
 }
 
-/// Polls `done` until it holds; fails if the bridge exits first or after `limit`.
+/// Polls `done` until it holds; fails if the bridge exits first or after `limit`, with the
+/// whole bridge log (a tail hid how the disk had filled in an earlier failure).
 fn wait_until(bridge: &mut Bridge, what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
         assert!(
             bridge.running(),
             "the bridge exited while waiting for {what}:\n{}",
-            bridge.log_tail(80)
+            bridge.log_text()
         );
         assert!(
             Instant::now() < deadline,
             "timed out waiting for {what}; bridge log:\n{}",
-            bridge.log_tail(80)
+            bridge.log_text()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
