@@ -208,22 +208,13 @@ fn the_daemon_upgrades_a_version_1_store_and_delivers_what_it_held() {
     let app = TestApp::subscribe(bus.manage_port, &["stix2/indicator"]);
     let mut bridge = Bridge::start(BridgeEnv::new(&opencti.base_url(), bus.manage_port, &data));
     bridge.wait_healthy(WAIT);
-    let mut wanted: Vec<String> = queued
-        .iter()
-        .map(|v| v["id"].as_str().unwrap().to_owned())
-        .collect();
+    let mut wanted = ids(&queued);
     wanted.push(after.stix_id.clone());
-    bridge.until(
+    until_received(
+        &bridge,
+        &app,
         "every queued indicator and the new one at the app",
-        WAIT,
-        || {
-            let got: Vec<String> = app
-                .received()
-                .iter()
-                .map(|(_, body)| support::threatbus::stix_id(body))
-                .collect();
-            wanted.iter().all(|id| got.contains(id))
-        },
+        &wanted,
     );
     bridge.until("the outbox to drain", WAIT, || {
         bridge.queued("indicators") == 0
@@ -409,21 +400,8 @@ fn the_daemon_upgrades_a_version_3_store_and_keeps_its_catalog() {
     let app = TestApp::subscribe(bus.manage_port, &["stix2/indicator"]);
     let mut bridge = Bridge::start(BridgeEnv::new(&opencti.base_url(), bus.manage_port, &data));
     bridge.wait_healthy(WAIT);
-    let ids = |values: &[Value]| -> Vec<String> {
-        values
-            .iter()
-            .map(|v| v["id"].as_str().unwrap().to_owned())
-            .collect()
-    };
     let wanted = ids(&queued);
-    bridge.until("every queued indicator at the app", WAIT, || {
-        let got: Vec<String> = app
-            .received()
-            .iter()
-            .map(|(_, body)| support::threatbus::stix_id(body))
-            .collect();
-        wanted.iter().all(|id| got.contains(id))
-    });
+    until_received(&bridge, &app, "every queued indicator at the app", &wanted);
     bridge.until("the outbox to drain", WAIT, || {
         bridge.queued("indicators") == 0
     });
@@ -436,12 +414,30 @@ fn the_daemon_upgrades_a_version_3_store_and_keeps_its_catalog() {
     let tool = TestApp::subscribe_with_snapshot(bus.manage_port, &["stix2/indicator"], 100_000);
     let mut everything = ids(&delivered);
     everything.extend(wanted);
-    bridge.until("the snapshot with the whole catalog", WAIT, || {
-        let got: Vec<String> = tool
+    until_received(
+        &bridge,
+        &tool,
+        "the snapshot with the whole catalog",
+        &everything,
+    );
+}
+
+/// The STIX ids of `values`.
+fn ids(values: &[Value]) -> Vec<String> {
+    values
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits until `app` has received every id of `wanted`.
+fn until_received(bridge: &Bridge, app: &TestApp, what: &str, wanted: &[String]) {
+    bridge.until(what, WAIT, || {
+        let got: Vec<String> = app
             .received()
             .iter()
             .map(|(_, body)| support::threatbus::stix_id(body))
             .collect();
-        everything.iter().all(|id| got.contains(id))
+        wanted.iter().all(|id| got.contains(id))
     });
 }

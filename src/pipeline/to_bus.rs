@@ -217,8 +217,7 @@ impl ToBus {
             received_at_ms: item.envelope.received_at_ms,
             sent_at: Instant::now(),
         };
-        let received_at_ms = item.envelope.received_at_ms;
-        let update = update_for_echo_key(echo, item.envelope.payload, received_at_ms);
+        let update = update_for_echo_key(echo, item.envelope.payload, item.envelope.received_at_ms);
         Ok(Some((inflight, update)))
     }
 

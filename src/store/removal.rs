@@ -55,18 +55,16 @@ impl Store {
     ) -> Result<(Vec<String>, Durable), StoreError> {
         let mut wanted = Vec::new();
         for removal in removals {
-            let unchanged = self
-                .catalog_read::<EntryHead>(&removal.stix_id)?
-                .is_some_and(|entry| {
-                    entry.operation.is_active()
-                        && entry.recorded_at_ms == removal.seen_recorded_at_ms
-                        && entry.modified_ms == removal.seen_modified_ms
-                });
-            if unchanged {
-                wanted.push(removal);
+            let condition = Condition {
+                stix_id: removal.stix_id,
+                recorded_at_ms: removal.seen_recorded_at_ms,
+                modified_ms: removal.seen_modified_ms,
+            };
+            if self.entry_unchanged(&condition)? {
+                wanted.push((condition, removal.body));
             }
         }
-        let queued = wanted.iter().map(|r| r.stix_id.clone()).collect();
+        let queued = wanted.iter().map(|(c, _)| c.stix_id.clone()).collect();
         let _order = lock(&self.range(Queue::Indicators).write);
         // The keys the items get: the condition records go into the same batch.
         let first = self
@@ -75,14 +73,9 @@ impl Store {
             .load(Ordering::Relaxed);
         let mut conditions = Vec::with_capacity(wanted.len());
         let mut commit = Commit::default();
-        for (i, removal) in wanted.into_iter().enumerate() {
-            let condition = Condition {
-                stix_id: removal.stix_id,
-                recorded_at_ms: removal.seen_recorded_at_ms,
-                modified_ms: removal.seen_modified_ms,
-            };
+        for (i, (condition, body)) in wanted.into_iter().enumerate() {
             conditions.push((condition_key(first + i as u64), encode(&condition)?));
-            commit.items.push(removal.body);
+            commit.items.push(body);
         }
         let durable = self.commit_locked(Queue::Indicators, commit, conditions, super::now_ms())?;
         Ok((queued, durable))
@@ -111,27 +104,33 @@ impl Store {
                 return Ok(true);
             }
         };
-        let unchanged = self
-            .catalog_read::<EntryHead>(&update.stix_id)?
-            .is_some_and(|entry| {
-                entry.operation.is_active()
-                    && entry.recorded_at_ms == condition.recorded_at_ms
-                    && entry.modified_ms == condition.modified_ms
-            });
-        if unchanged {
+        if self.entry_unchanged(&condition)? {
             self.tree.remove(key)?;
             return Ok(true);
         }
         tracing::info!(id = %update.stix_id, "reconciliation REMOVE dropped: the stream changed the indicator after OpenCTI was asked");
+        let item = item_key(Queue::Indicators.tag(), seq);
         let mut batch = sled::Batch::default();
         batch.remove(&key);
-        batch.remove(&item_key(Queue::Indicators.tag(), seq));
-        let old = self.tree.get(item_key(Queue::Indicators.tag(), seq))?;
+        batch.remove(&item);
+        let old = self.tree.get(item)?;
         self.tree.apply_batch(batch)?;
         if let Some(old) = old {
             self.forget_item(Queue::Indicators, &old);
         }
         Ok(false)
+    }
+
+    /// Whether the catalog entry of `condition`'s indicator is still the active one the
+    /// removal was decided on: checked when the `REMOVE` is queued and again when told.
+    fn entry_unchanged(&self, condition: &Condition) -> Result<bool, StoreError> {
+        Ok(self
+            .catalog_read::<EntryHead>(&condition.stix_id)?
+            .is_some_and(|entry| {
+                entry.operation.is_active()
+                    && entry.recorded_at_ms == condition.recorded_at_ms
+                    && entry.modified_ms == condition.modified_ms
+            }))
     }
 
     /// At open: condition records whose `REMOVE` is no longer queued (it was parked as a
