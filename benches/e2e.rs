@@ -23,7 +23,8 @@
 //!    and the bridge's CPU time and thread switches per indicator are read from `/proc`.
 //!
 //! `cargo bench --bench e2e -- latency` runs only the 500/s latency run (section 3), and
-//! `E2E_PERF=<file>` records the bridge's CPU profile during it (`perf record -g`; read it
+//! `E2E_PERF=<file>` records the bridge's CPU profile during it (`perf record --call-graph
+//! dwarf` at 499 Hz, which itself costs the bridge ~20 % more CPU; read it
 //! with `perf report -i <file>`): where the CPU time per indicator goes.
 //!
 //! Rates are "first → last arrival at the counting app" for both the baseline and the
@@ -544,9 +545,12 @@ fn bridge_paced(opencti: &OpenCti, rate: u64, count: usize, first_ip: usize) -> 
         std::process::Command::new("perf")
             .args([
                 "record",
-                "-g",
+                // DWARF unwinding: the release build keeps no frame pointers, so `-g`
+                // alone yields stacks one frame deep.
+                "--call-graph",
+                "dwarf,32768",
                 "-F",
-                "1999",
+                "499",
                 "-o",
                 &out,
                 "-p",

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
 use crate::stix::import::ImportIndicator;
-use crate::stix::{classify_bus_message, indicator_echo_key, BusMessage, EchoKey};
+use crate::stix::{classify_bus_message, indicator_echo_key_of_json, BusMessage, EchoKey};
 use crate::store::disk_space::{DiskSpace, Room};
 use crate::store::{Commit, Queue, Store, StoreError};
 use crate::threatbus::Incoming;
@@ -167,8 +167,7 @@ impl Intake {
 
     /// An indicator: its echo key to the drainer; a foreign one to the import outbox.
     fn take_indicator(&self, json: String, batch: &mut Batch) {
-        let value: Option<serde_json::Value> = serde_json::from_str(&json).ok();
-        let key = value.as_ref().and_then(indicator_echo_key);
+        let key = indicator_echo_key_of_json(&json);
         match &key {
             Some(key) => {
                 let _ = self.echoes.send(key.clone());
@@ -178,13 +177,6 @@ impl Intake {
         if !self.import {
             return;
         }
-        let Some(value) = value else {
-            batch.imports_parked.push((
-                json.into_bytes(),
-                "indicator from Threat Bus is not JSON".into(),
-            ));
-            return;
-        };
         if let Some(key) = &key {
             // The catalog holds what the bridge queued for Threat Bus: the same version is
             // its own echo. A read error only costs the check: the import drainer reads
@@ -195,6 +187,14 @@ impl Intake {
                 return;
             }
         }
+        // Parsed whole only now: most indicators are the bridge's own echoes.
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&json) else {
+            batch.imports_parked.push((
+                json.into_bytes(),
+                "indicator from Threat Bus is not JSON".into(),
+            ));
+            return;
+        };
         match ImportIndicator::from_stix(&value) {
             Ok(indicator) => match indicator.ignored() {
                 Some(reason) => {

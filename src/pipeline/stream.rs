@@ -1,7 +1,7 @@
 //! OpenCTI stream → indicator outbox.
 //!
 //! One connection at a time; every event is mapped ([`crate::stix`]) and written to the
-//! store together with the new resume position in one atomic batch ([`Checkpoint`] decides
+//! store, the new resume position after its items ([`Checkpoint`] decides
 //! how far the position may move). Events that arrive back to back are committed together,
 //! so a busy stream costs one store write per burst, not per event.
 
@@ -840,7 +840,8 @@ impl StreamReader {
         }
     }
 
-    /// Writes the batch and its position in one atomic step.
+    /// Writes the batch, then its position (sled recovers a prefix: never one without the
+    /// other's items).
     fn commit(&mut self, batch: &mut Batch) -> Result<(), ReaderError> {
         if batch.items.is_empty() && batch.parked.is_empty() && batch.position.is_none() {
             batch.events = 0;
@@ -850,14 +851,14 @@ impl StreamReader {
         let queued = batch.items.len() as u64;
         self.item_bytes.add_burst(&batch.items);
         let position = batch.position.clone();
-        // Durability is not awaited here: the position is written with the items, so
-        // whatever a crash loses is read again from the stream.
+        // No flush is asked for: the position is written with the items, so whatever a
+        // crash loses is read again from the stream.
         let commit = Commit {
             items: batch.items,
             parked: batch.parked,
             position: batch.position,
         };
-        let _durable = self.store.commit(Queue::Indicators, commit)?;
+        self.store.commit_replayable(commit)?;
         self.metrics.received(Queue::Indicators, queued);
         // After the position write: sled recovers a prefix of writes, so the recover date
         // can never be gone while the position still points into the replay.

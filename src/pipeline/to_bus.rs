@@ -16,7 +16,7 @@ use crate::admin::Status;
 use crate::config::ConfirmDelivery;
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
-use crate::stix::{indicator_echo_key, EchoKey};
+use crate::stix::{indicator_echo_key_of_json, EchoKey};
 use crate::store::catalog::update_for_echo_key;
 use crate::store::{CatalogUpdate, Item, Queue, Store, StoreError};
 use crate::threatbus::{LinkState, Publisher};
@@ -196,11 +196,9 @@ impl ToBus {
     /// Turns an outbox item into a frame and its catalog entry, or dead-letters it if it
     /// cannot be confirmed.
     fn prepare(&self, item: Item) -> Result<Option<(InFlight, CatalogUpdate)>, StoreError> {
-        let echo = serde_json::from_slice(&item.envelope.payload)
-            .ok()
-            .as_ref()
-            .and_then(indicator_echo_key);
-        let (Some(echo), Ok(json)) = (echo, std::str::from_utf8(&item.envelope.payload)) else {
+        let json = std::str::from_utf8(&item.envelope.payload).ok();
+        let echo = json.and_then(indicator_echo_key_of_json);
+        let (Some(echo), Some(json)) = (echo, json) else {
             let reason =
                 "not a STIX indicator with id and modified: Threat Bus could never confirm it";
             tracing::error!(key = item.key, reason, "indicator dead-lettered");

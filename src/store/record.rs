@@ -1,8 +1,10 @@
 //! What the store keeps, and how it is laid out in sled.
 //!
-//! Everything lives in one sled tree so that every multi-part change (items + stream
-//! position, a move to the dead letters, a requeue) is a single `apply_batch`, which sled
-//! recovers all-or-nothing after a crash. Keys start with a one-byte tag; queue and dead-letter
+//! Everything lives in one sled tree, whose log sled recovers as a prefix after a crash.
+//! A commit (items + stream position, conditions + their `REMOVE`s) is plain inserts in
+//! an order that makes every prefix safe (see `Store::commit_locked`); a move to the dead
+//! letters and a requeue, rare, are single `apply_batch`es, recovered all-or-nothing.
+//! Keys start with a one-byte tag; queue and dead-letter
 //! keys continue with a big-endian `u64` sequence number, so key order is arrival order.
 
 use serde::{Deserialize, Serialize};

@@ -77,8 +77,8 @@ impl Store {
             conditions.push((condition_key(first + i as u64), encode(&condition)?));
             commit.items.push(body);
         }
-        let durable = self.commit_locked(Queue::Indicators, commit, conditions, super::now_ms())?;
-        Ok((queued, durable))
+        let written = self.commit_locked(Queue::Indicators, commit, conditions, super::now_ms())?;
+        Ok((queued, self.commit.register(written)))
     }
 
     /// For [`Store::record_told`]: whether the `REMOVE` at outbox key `seq` is still to be

@@ -7,10 +7,10 @@
 use opencti_threatbus::stix::import::{plan_import, ImportIndicator, ImportPlan};
 use opencti_threatbus::stix::snapshot::SNAPSHOT_ENVELOPE_TOPIC;
 use opencti_threatbus::stix::{
-    self, classify_bus_message, indicator_echo_key, map_fetched_indicator, map_stream_event,
-    map_stream_value, parse_sighting, parse_snapshot_request, sighting_times_utc,
-    snapshot_envelope_frame, validate_indicator, BusMessage, StreamAction, Timestamp,
-    MAX_SIGHTING_COUNT,
+    self, classify_bus_message, indicator_echo_key, indicator_echo_key_of_json,
+    map_fetched_indicator, map_stream_event, map_stream_value, parse_sighting,
+    parse_snapshot_request, sighting_times_utc, snapshot_envelope_frame, validate_indicator,
+    BusMessage, StreamAction, Timestamp, MAX_SIGHTING_COUNT,
 };
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -173,6 +173,34 @@ fn check_action(action: &StreamAction) -> Result<(), TestCaseError> {
 
 proptest! {
     #![proptest_config(guard::config())]
+
+    /// The echo key read straight from the text (the intake's and the drainer's fast path)
+    /// is the one read from the parsed value, for any (mutated) indicator; on damaged text
+    /// it is the parsed value's key or nothing, never another key.
+    #[test]
+    fn echo_keys_of_text_and_of_value_agree(
+        indicator in indicator(),
+        damage in json::text_damage(),
+    ) {
+        let text = json::damage(indicator.to_string(), &damage);
+        guarded("indicator_echo_key_of_json", move || -> Result<(), TestCaseError> {
+            let of_text = indicator_echo_key_of_json(&text);
+            match serde_json::from_str::<Value>(&text) {
+                Ok(value) if value.is_object() => {
+                    prop_assert_eq!(of_text, indicator_echo_key(&value), "{}", text)
+                }
+                Ok(_) => prop_assert_eq!(of_text, None, "{}", text),
+                // Fields it skips are not built, so the limits of building them (nesting
+                // beyond 128 levels, a number beyond f64) do not stop it; any other text
+                // `Value` refuses gives no key.
+                Err(e)
+                    if e.to_string().contains("recursion limit")
+                        || e.to_string().contains("number out of range") => {}
+                Err(_) => prop_assert_eq!(of_text, None, "{}", text),
+            }
+            Ok(())
+        })?;
+    }
 
     /// map_stream_event on the text (damaged or not) and map_stream_value on the parsed
     /// value agree, and whatever they answer is usable; a 4.x patch-only update, completed
