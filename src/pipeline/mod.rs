@@ -11,10 +11,12 @@
 //!   longer has → `REMOVE`s in the indicator outbox.
 //!
 //! [`checkpoint`] holds the position rules, `refusal` what the two drainers towards
-//! OpenCTI do with an item it refused; the backoff they share is [`crate::retry`].
+//! OpenCTI do with an item it refused, [`outage`] when an unreachable peer is worth a log
+//! line; the backoff they share is [`crate::retry`].
 pub mod checkpoint;
 pub mod import;
 pub mod intake;
+pub mod outage;
 pub mod reconcile;
 mod refusal;
 pub mod snapshot;

@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use super::checkpoint::{Checkpoint, EventRole};
+use super::outage::{Failure, OutageLog};
 use super::reconcile::{ReconcileRequest, META_RECONCILE_PENDING};
 use crate::admin::Status;
 use crate::metrics::Metrics;
@@ -108,6 +109,8 @@ pub struct StreamReader {
     recover_until: Option<String>,
     /// The failures in a row at the current position; `None` once it moves.
     repeated: Option<Repeated>,
+    /// OpenCTI unreachable: one warning per outage, not per attempt.
+    unreachable: OutageLog,
     client: StreamClient,
     store: Arc<Store>,
     config: ReaderConfig,
@@ -187,6 +190,7 @@ impl StreamReader {
         let mut reader = StreamReader {
             recover_until,
             repeated: None,
+            unreachable: OutageLog::default(),
             client,
             store,
             config,
@@ -285,6 +289,13 @@ impl StreamReader {
             };
             let delay = match connected {
                 Ok(stream) => {
+                    if let Some(ended) = self.unreachable.succeeded(std::time::Instant::now()) {
+                        tracing::info!(
+                            down_s = ended.down_for.as_secs(),
+                            failed_attempts = ended.failures,
+                            "the OpenCTI stream answers again"
+                        );
+                    }
                     self.checkpoint.reset_connection();
                     let recovering = resume.recover.is_some();
                     let before = self.checkpoint.position().map(str::to_owned);
@@ -580,7 +591,7 @@ impl StreamReader {
         self.metrics.stream_repeated_failures.set(0);
     }
 
-    fn connect_failed(&self, error: &StreamError, backoff: &mut Backoff) -> Duration {
+    fn connect_failed(&mut self, error: &StreamError, backoff: &mut Backoff) -> Duration {
         match error {
             StreamError::Unauthorized { .. } => {
                 tracing::error!(error = %error, retry_s = self.config.auth_retry.as_secs(), "OpenCTI refused the token: check OPENCTI_TOKEN and the connector user's rights");
@@ -592,7 +603,17 @@ impl StreamReader {
             }
             other => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %other, retry_s = delay.as_secs_f64(), "cannot connect to the OpenCTI stream");
+                match self.unreachable.failed(std::time::Instant::now()) {
+                    Failure::Started => {
+                        tracing::warn!(error = %other, retry_s = delay.as_secs_f64(), "cannot connect to the OpenCTI stream: trying again until it answers (each attempt is logged at debug)")
+                    }
+                    Failure::StillDown { down_for, failures } => {
+                        tracing::warn!(error = %other, down_s = down_for.as_secs(), failed_attempts = failures, "the OpenCTI stream is still unreachable")
+                    }
+                    Failure::Quiet => {
+                        tracing::debug!(error = %other, retry_s = delay.as_secs_f64(), "cannot connect to the OpenCTI stream")
+                    }
+                }
                 delay
             }
         }
