@@ -511,7 +511,7 @@ fn bridge_paced(opencti: &OpenCti, rate: u64, count: usize, first_ip: usize) -> 
     println!(
         "bridge at {rate}/s: {count} indicator creates appended to the double while the bridge runs:"
     );
-    println!("  included: the double's append and SSE write (an append wakes the open streams at once through a tokio watch channel; TCP_NODELAY; the 5 s heartbeat plays no part), the bridge (read, durable commit with group fsync ≤ 10 ms, publish), Threat Bus's relay, ZeroMQ to the app");
+    println!("  included: the double's append and SSE write (an append wakes the open streams at once through a tokio watch channel; TCP_NODELAY; the 5 s heartbeat plays no part), the bridge (read, events lingering ≤ 5 ms to be committed together, written to the outbox, published), Threat Bus's relay, ZeroMQ to the app");
     let (bus, counter) = bus_and_counter(None);
     let from = opencti.last_event_id().expect("events before");
     let (_dir, env) = prepare_bridge(opencti, &bus, &from);

@@ -168,6 +168,13 @@ enum Flow {
     Stop,
 }
 
+/// What one poll found readable.
+struct Readable {
+    wake: bool,
+    xpub: bool,
+    sub: bool,
+}
+
 impl IoThread {
     pub fn run(mut self) {
         // Until when the SUB is left out of the poll (see `SUB_HOLD`).
@@ -176,25 +183,32 @@ impl IoThread {
             let hold = sub_held_until
                 .map(|until| until.saturating_duration_since(Instant::now()))
                 .filter(|left| !left.is_zero());
-            let (woken, sub_readable) = match self.poll(hold) {
+            let readable = match self.poll(hold) {
                 Ok(r) => r,
                 Err(e) => {
                     // EINTR and the like: nothing to do but poll again (after a breath,
                     // in case the error persists).
                     tracing::debug!(error = %e, "zmq_poll failed");
                     std::thread::sleep(Duration::from_millis(10));
-                    (true, true)
+                    Readable {
+                        wake: true,
+                        xpub: true,
+                        sub: true,
+                    }
                 }
             };
-            if woken {
+            if readable.wake {
                 self.drain_wake();
             }
-            // Subscription frames first, so a publish below sees the freshest state.
-            self.read_xpub();
+            // Subscription frames first, so a publish below sees the freshest state. Only
+            // when there are some: every ZeroMQ call costs a syscall or two.
+            if readable.xpub {
+                self.read_xpub();
+            }
             if let Flow::Stop = self.drain_commands() {
                 return;
             }
-            if sub_readable {
+            if readable.sub {
                 let read = self.read_sub(READ_BATCH);
                 sub_held_until = (read > 0).then(|| Instant::now() + SUB_HOLD);
             } else if hold.is_none() {
@@ -204,8 +218,8 @@ impl IoThread {
     }
 
     /// Waits for the wake socket, the XPUB and (unless `sub_hold` is left of its hold) the
-    /// SUB; returns whether the wake socket and the SUB are readable.
-    fn poll(&self, sub_hold: Option<Duration>) -> zmq::Result<(bool, bool)> {
+    /// SUB; returns which of them are readable.
+    fn poll(&self, sub_hold: Option<Duration>) -> zmq::Result<Readable> {
         let mut items = vec![zmq::PollItem::from_fd(self.wake.as_raw_fd(), zmq::POLLIN)];
         let mut timeout = POLL_TIMEOUT_MS;
         if let Some(active) = &self.active {
@@ -217,10 +231,11 @@ impl IoThread {
             }
         }
         zmq::poll(&mut items, timeout)?;
-        Ok((
-            items[0].is_readable(),
-            items.get(2).is_some_and(zmq::PollItem::is_readable),
-        ))
+        Ok(Readable {
+            wake: items[0].is_readable(),
+            xpub: items.get(1).is_some_and(zmq::PollItem::is_readable),
+            sub: items.get(2).is_some_and(zmq::PollItem::is_readable),
+        })
     }
 
     fn drain_wake(&self) {
