@@ -84,10 +84,11 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             status.set(
                 "store",
                 format!(
-                    "rebuilt after damage ({}); the damaged store is kept in {}; lost {} sightings and {} dead letters",
+                    "rebuilt after damage ({}); the damaged store is kept in {}; lost {} sightings, {} imports and {} dead letters",
                     report.reason,
                     report.moved_to.display(),
                     report.held.sightings,
+                    report.held.imports.unwrap_or(0),
                     report.held.dead
                 ),
             );
@@ -425,11 +426,12 @@ async fn open_store(config: &Config) -> anyhow::Result<(Arc<Store>, Option<Damag
             resume_from = %report.resume_text(),
             indicators_read_again = report.held.indicators,
             lost_sightings = report.held.sightings,
+            lost_imports = report.held.imports.unwrap_or(0),
             lost_dead_letters = report.held.dead,
             as_of = report.as_of.as_deref().unwrap_or("unknown (no checkpoint file)"),
             "DAMAGED STORE: moved aside and replaced by a fresh one; the stream is read again from the \
-             checkpoint so every undelivered indicator is delivered; the queued sightings and dead letters \
-             it held are lost to the bridge (the moved store is kept for salvage)"
+             checkpoint so every undelivered indicator is delivered; the queued sightings, imports and dead \
+             letters it held are lost to the bridge (the moved store is kept for salvage)"
         );
     }
     tracing::info!(

@@ -43,9 +43,9 @@ pub struct DamageReport {
 }
 
 impl DamageReport {
-    /// Items the stream cannot give back: queued sightings and dead letters.
+    /// Items the stream cannot give back: queued sightings, imports and dead letters.
     pub fn lost(&self) -> u64 {
-        self.held.sightings + self.held.dead
+        self.held.sightings + self.held.imports.unwrap_or(0) + self.held.dead
     }
 }
 
@@ -216,7 +216,11 @@ fn find_damage(
     // rewrite what they count).
     if let Some(closed) = &checkpoint.closed {
         if store.format_found() == CURRENT_FORMAT {
-            let found = store.closed_state()?;
+            let mut found = store.closed_state()?;
+            if closed.held.imports.is_none() {
+                // Written before imports were counted: nothing to compare them with.
+                found.held.imports = None;
+            }
             if &found != closed {
                 return Ok(Some(format!(
                     "it was closed cleanly at {} holding {:?}, but opens holding {:?}: \
@@ -276,8 +280,12 @@ fn describe(resume: &Resume) -> String {
 fn describe_lost(held: Held, checkpoint: Option<&Checkpoint>) -> String {
     match checkpoint {
         Some(c) => format!(
-            "lost with it: {} queued sightings and {} dead letters (as of {})",
-            held.sightings, held.dead, c.written_at
+            "lost with it: {} queued sightings, {} queued imports and {} dead letters (as of {})",
+            held.sightings,
+            held.imports
+                .map_or_else(|| "an unknown number of".into(), |n| n.to_string()),
+            held.dead,
+            c.written_at
         ),
         None => "what it held besides indicators is unknown (no checkpoint file)".into(),
     }
@@ -287,5 +295,80 @@ impl DamageReport {
     /// Where the stream resumes, in words.
     pub fn resume_text(&self) -> String {
         describe(&self.resume)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Commit, Queue};
+
+    /// A store closed cleanly holding `imports` queued imports, its closed checkpoint
+    /// written as the daemon writes it.
+    fn closed_with_imports(data_dir: &Path, imports: usize) {
+        let store = Store::open(data_dir, &StoreOptions::default()).unwrap();
+        let commit = Commit {
+            items: (0..imports)
+                .map(|i| format!("import {i}").into_bytes())
+                .collect(),
+            ..Commit::default()
+        };
+        drop(store.commit(Queue::Imports, commit).unwrap());
+        store.close().unwrap();
+        store.write_closed_checkpoint().unwrap();
+    }
+
+    /// Rewrites the checkpoint file's JSON.
+    fn edit_checkpoint(data_dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+        let path = sidecar::path(data_dir);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        edit(&mut json);
+        std::fs::write(&path, json.to_string()).unwrap();
+    }
+
+    fn open(data_dir: &Path) -> Opened {
+        open_checked(data_dir, &StoreOptions::default(), OnDamagedStore::Rebuild).unwrap()
+    }
+
+    #[test]
+    fn a_store_that_lost_queued_imports_is_damaged_and_they_are_counted_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        closed_with_imports(dir.path(), 3);
+        // The file claims 5: the store gives back less than it held.
+        edit_checkpoint(dir.path(), |json| {
+            json["held"]["imports"] = 5.into();
+            json["closed"]["held"]["imports"] = 5.into();
+        });
+        let opened = open(dir.path());
+        let report = opened.damage.expect("damage found");
+        assert_eq!(report.held.imports, Some(5));
+        assert_eq!(report.lost(), 5, "{report:?}");
+    }
+
+    #[test]
+    fn imports_are_checked_only_where_the_checkpoint_counted_them() {
+        let dir = tempfile::tempdir().unwrap();
+        closed_with_imports(dir.path(), 3);
+        let opened = open(dir.path());
+        assert!(opened.damage.is_none(), "a clean close is not damage");
+        assert_eq!(opened.store.len(Queue::Imports), 3);
+        opened.store.close().unwrap();
+        opened.store.write_closed_checkpoint().unwrap();
+        drop(opened);
+        // A file written before imports were counted claims nothing about them.
+        edit_checkpoint(dir.path(), |json| {
+            json["held"].as_object_mut().unwrap().remove("imports");
+            json["closed"]["held"]
+                .as_object_mut()
+                .unwrap()
+                .remove("imports");
+        });
+        let opened = open(dir.path());
+        assert!(
+            opened.damage.is_none(),
+            "an older checkpoint file is not damage"
+        );
+        assert_eq!(opened.store.len(Queue::Imports), 3);
     }
 }

@@ -808,6 +808,7 @@ impl Store {
             indicators: self.len(Queue::Indicators),
             sightings: self.len(Queue::Sightings),
             dead: self.dead_len(),
+            imports: Some(self.len(Queue::Imports)),
         }
     }
 

@@ -48,6 +48,11 @@ pub struct Held {
     pub indicators: u64,
     pub sightings: u64,
     pub dead: u64,
+    /// Queued imports: from Threat Bus like sightings, so lost with the store. Absent from
+    /// files written before they were counted (such a file claims nothing about them);
+    /// the layout stays version 1, since an older binary ignores the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imports: Option<u64>,
 }
 
 /// The store's state after a clean close, exactly.
@@ -176,6 +181,7 @@ mod tests {
                 indicators: 2,
                 sightings: 1,
                 dead: 0,
+                imports: Some(4),
             },
         );
         checkpoint.closed = Some(Closed {
@@ -190,6 +196,13 @@ mod tests {
         let forgotten = read(dir.path()).unwrap();
         assert_eq!(forgotten.closed, None);
         assert_eq!(forgotten.watermark, checkpoint.watermark);
+        // A file from before imports were counted reads as claiming nothing about them.
+        let mut old: serde_json::Value =
+            serde_json::from_slice(&fs::read(path(dir.path())).unwrap()).unwrap();
+        assert_eq!(old["held"]["imports"], 4);
+        old["held"].as_object_mut().unwrap().remove("imports");
+        fs::write(path(dir.path()), old.to_string()).unwrap();
+        assert_eq!(read(dir.path()).unwrap().held.imports, None);
         fs::write(path(dir.path()), b"{\"version\": 1, garbage").unwrap();
         assert_eq!(read(dir.path()), None);
     }
