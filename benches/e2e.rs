@@ -26,6 +26,8 @@
 //! `E2E_PERF=<file>` records the bridge's CPU profile during it (`perf record --call-graph
 //! dwarf` at 499 Hz, which itself costs the bridge ~20 % more CPU; read it
 //! with `perf report -i <file>`): where the CPU time per indicator goes.
+//! `E2E_BRIDGE_ENV="KEY=value …"` adds to or overrides the bridge's environment
+//! ([`BRIDGE_SETTINGS`]) for an experiment.
 //!
 //! Rates are "first → last arrival at the counting app" for both the baseline and the
 //! bridge (the steady relay rate, start-up excluded), and also "from the start" (baseline:
@@ -78,6 +80,24 @@ const BRIDGE_SETTINGS: &[(&str, &str)] = &[
     ("BRIDGE_FLUSH_MAX_ITEMS", "1000"),
 ];
 
+/// [`BRIDGE_SETTINGS`], then `E2E_BRIDGE_ENV` (`KEY=value` pairs separated by spaces) on
+/// top: an experiment with a setting needs no rebuild, and the header line shows it.
+fn bridge_settings() -> Vec<(String, String)> {
+    let extra = std::env::var("E2E_BRIDGE_ENV").unwrap_or_default();
+    let mut settings: Vec<(String, String)> = BRIDGE_SETTINGS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for pair in extra.split_whitespace() {
+        let (key, value) = pair
+            .split_once('=')
+            .expect("E2E_BRIDGE_ENV holds KEY=value pairs separated by spaces");
+        settings.retain(|(k, _)| k != key);
+        settings.push((key.to_string(), value.to_string()));
+    }
+    settings
+}
+
 fn main() {
     let release = BIN.contains("/release/") && !cfg!(debug_assertions);
     println!("=== opencti-threatbus end-to-end benchmark: OpenCTI double → bridge → real Threat Bus → app ===");
@@ -108,7 +128,7 @@ fn main() {
         "N:              {N} indicators per throughput run, {ROUNDS} rounds (+1 pinned); latency runs: {}",
         paces.join(", ")
     );
-    let settings: Vec<String> = BRIDGE_SETTINGS
+    let settings: Vec<String> = bridge_settings()
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
@@ -463,9 +483,9 @@ fn prepare_bridge(
         drop(store.set_position(position).expect("position"));
         store.close().expect("close the store");
     }
-    let env = BRIDGE_SETTINGS.iter().fold(
+    let env = bridge_settings().into_iter().fold(
         BridgeEnv::new(&opencti.base_url(), bus.manage_port, &data),
-        |env, (k, v)| env.set(k, *v),
+        |env, (k, v)| env.set(&k, v),
     );
     (dir, env)
 }
