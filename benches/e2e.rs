@@ -24,7 +24,7 @@
 //!
 //! `cargo bench --bench e2e -- latency` runs only the 500/s latency run (section 3), and
 //! `E2E_PERF=<file>` records the bridge's CPU profile during it (`perf record --call-graph
-//! dwarf` at 499 Hz, which itself costs the bridge ~20 % more CPU; read it
+//! dwarf` at 499 Hz or `E2E_PERF_HZ`, which itself costs the bridge ~20 % more CPU; read it
 //! with `perf report -i <file>`): where the CPU time per indicator goes.
 //! `E2E_BRIDGE_ENV="KEY=value …"` adds to or overrides the bridge's environment
 //! ([`BRIDGE_SETTINGS`]) for an experiment.
@@ -570,7 +570,7 @@ fn bridge_paced(opencti: &OpenCti, rate: u64, count: usize, first_ip: usize) -> 
                 "--call-graph",
                 "dwarf,32768",
                 "-F",
-                "499",
+                &std::env::var("E2E_PERF_HZ").unwrap_or_else(|_| "499".into()),
                 "-o",
                 &out,
                 "-p",
