@@ -76,6 +76,7 @@ fn main() {
         "{:>9} {:>12} {:>10} {:>12} {:>12} {:>12} {:>12}",
         "N", "cache", "write s", "healthy s", "RSS MB", "peak MB", "disk B/item"
     );
+    std::fs::create_dir_all(&root).expect("MEMORY_BENCH_DIR cannot be created");
     let opencti = OpenCti::start();
     let seed = opencti.append_marking();
     for n in sizes {
