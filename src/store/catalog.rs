@@ -139,7 +139,8 @@ impl CatalogCounts {
     /// Counts the catalog once at open.
     pub(crate) fn count(&self, tree: &sled::Tree) -> Result<(), StoreError> {
         let (mut total, mut active) = (0, 0);
-        for entry in tree.scan_prefix([TAG_CATALOG]) {
+        // Every entry: touching, or the scan's pages stay resident (see `scan`).
+        for entry in super::scan::touching(tree, tree.scan_prefix([TAG_CATALOG])) {
             let (_, raw) = entry?;
             total += 1;
             if decode::<EntryHead>(&raw).is_ok_and(|h| h.operation.is_active()) {
@@ -254,7 +255,8 @@ impl Store {
         };
         let end = [TAG_CATALOG + 1];
         let mut out = Vec::new();
-        for entry in self.tree.range(start..end.to_vec()) {
+        // A snapshot or a reconciliation pages through the whole catalog: touching.
+        for entry in super::scan::touching(&self.tree, self.tree.range(start..end.to_vec())) {
             if out.len() >= limit {
                 break;
             }

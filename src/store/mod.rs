@@ -12,6 +12,7 @@ mod error;
 mod migrate;
 mod record;
 mod removal;
+mod scan;
 pub mod sidecar;
 mod watermark;
 
@@ -45,11 +46,10 @@ pub const STORE_SUBDIR: &str = "store";
 /// with 128 MiB (the same bench, noisy machine).
 ///
 /// Measured (`cargo bench --bench memory`: 1,000,000 indicators of 1.4 KiB queued with
-/// their catalog entries, the daemon restarted on them; RSS settled / peak): 128 MiB
-/// 310 / 354 MB; 16 MiB 208 / 234 MB, under the 256 MB target with a margin of 48 / 22 MB
-/// (single runs by hand: 32 MiB 221 / 270 MB, 8 MiB 201 / 254 MB). Below 16 MiB little is
-/// gained: the remaining ~190 MB is not the cache but sled's pages resident outside its
-/// accounting (README, "Memory").
+/// their catalog entries, the daemon restarted on them; RSS settled / peak): 16 MiB
+/// 92 / 108 MB, 128 MiB 197 / 213 MB; under the 256 MB target either way, since the
+/// open-time scans no longer leave sled's pages resident (`scan`). The smaller cache
+/// also writes faster, hence the default.
 pub const DEFAULT_CACHE_MB: u64 = 16;
 const DEFAULT_CACHE_BYTES: u64 = DEFAULT_CACHE_MB * 1024 * 1024;
 
@@ -746,7 +746,7 @@ impl Store {
     /// queue is unknown, so it can neither go back nor be matched by queue.
     fn matching_dead(&self, filter: &DeadFilter) -> Result<Vec<DeadItem>, StoreError> {
         let mut matching = Vec::new();
-        for entry in self.tree.range(seq_range(TAG_DEAD, None)) {
+        for entry in scan::touching(&self.tree, self.tree.range(seq_range(TAG_DEAD, None))) {
             let (key, raw) = entry?;
             let Some(seq) = key_seq(&key) else { continue };
             match decode::<DeadLetter>(&raw) {
@@ -884,7 +884,8 @@ impl Store {
             (TAG_DEAD, &self.dead),
         ] {
             let (mut len, mut retrying, mut last) = (0, 0, None);
-            for entry in self.tree.range(seq_range(tag, None)) {
+            // Every record: touching, or the scan's pages stay resident (see `scan`).
+            for entry in scan::touching(&self.tree, self.tree.range(seq_range(tag, None))) {
                 let (key, raw) = entry?;
                 len += 1;
                 last = key_seq(&key).or(last);
